@@ -1,0 +1,208 @@
+"""`index.duckdb`: the shard registry and the views `prompts`, `generations`, `scores`, `pairs`.
+
+The views read the registered shards of each stage's active fingerprint through absolute paths,
+so a stock DuckDB client opens them from any working directory. Moving the cache folder is
+noticed on the next open by this tool, which rewrites the views.
+
+Writers hold the DuckDB file only for a moment (open, write, close) so that several
+`--shard i/N` jobs on one cache take turns instead of failing on the file lock.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from ..errors import CacheError
+from .schema import PAIRS_SQL, STAGES, VIEW_STAGES
+from .shards import ShardFile, file_sha256, shard_metadata
+
+INDEX_NAME = "index.duckdb"
+FORMAT_VERSION = "1"
+LOCK_WAIT_S = 300
+
+REGISTRY_SQL = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS stages (
+    stage VARCHAR, fingerprint VARCHAR, settings JSON, n_shards INTEGER, active BOOLEAN,
+    created_at TIMESTAMP DEFAULT current_timestamp, PRIMARY KEY (stage, fingerprint));
+CREATE TABLE IF NOT EXISTS shards (
+    stage VARCHAR, fingerprint VARCHAR, shard INTEGER, path VARCHAR, rows BIGINT, bytes BIGINT,
+    sha256 VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (stage, fingerprint, shard));
+"""
+
+
+@dataclass(frozen=True)
+class RegisteredShard:
+    shard: int
+    path: Path
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def open_cache(root: str | Path, create: bool = False) -> "CacheIndex":
+    """Open an existing cache, or create one when `create` and the folder is new or empty."""
+    root = Path(root).expanduser().resolve()
+    index = root / INDEX_NAME
+    if index.is_file():
+        cache = CacheIndex(root)
+        cache.refresh_views_if_moved()
+        return cache
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"{root} is a file, not a cache directory")
+    if root.is_dir() and any(root.iterdir()):
+        raise CacheError(f"{root} is not a dadpo-offline cache (no {INDEX_NAME}) and is not empty; "
+                         "give an empty or new folder as cache_dir")
+    if not create:
+        raise CacheError(f"no cache at {root} — run: dadpo-offline precompute MANIFEST")
+    root.mkdir(parents=True, exist_ok=True)
+    cache = CacheIndex(root)
+    with cache.connect() as con:
+        con.execute(REGISTRY_SQL)
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('root', ?)", [FORMAT_VERSION, str(root)])
+        cache._write_views(con)
+    return cache
+
+
+class CacheIndex:
+    def __init__(self, root: Path):
+        self.root = root
+        self.index_path = root / INDEX_NAME
+
+    @contextmanager
+    def connect(self, read_only: bool = False):
+        """A short-lived connection; waits (with jitter) while another job holds the write lock."""
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                con = duckdb.connect(str(self.index_path), read_only=read_only)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise CacheError(f"{self.index_path}: cannot open the index ({str(exc).splitlines()[0]})") from exc
+                time.sleep(random.uniform(0.05, 0.5))
+            except duckdb.Error as exc:
+                raise CacheError(f"{self.index_path}: not a readable DuckDB index ({str(exc).splitlines()[0]})") from exc
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def stage_dir(self, stage: str, fingerprint: str) -> Path:
+        return self.root / stage / fingerprint
+
+    # -- registry -------------------------------------------------------------------------------
+
+    def begin_stage(self, stage: str, fingerprint: str, settings: dict, n_shards: int) -> None:
+        """Record a stage's settings and make this fingerprint the one the views show."""
+        with self.connect() as con:
+            con.execute("UPDATE stages SET active = false WHERE stage = ? AND fingerprint <> ?", [stage, fingerprint])
+            con.execute("INSERT INTO stages (stage, fingerprint, settings, n_shards, active) VALUES (?, ?, ?, ?, true) "
+                        "ON CONFLICT DO UPDATE SET active = true, n_shards = excluded.n_shards",
+                        [stage, fingerprint, json.dumps(settings, sort_keys=True), n_shards])
+            self._write_views(con)
+
+    def registered(self, stage: str, fingerprint: str) -> dict[int, RegisteredShard]:
+        with self.connect() as con:
+            rows = con.execute("SELECT shard, path, rows, bytes, sha256 FROM shards WHERE stage = ? AND fingerprint = ?",
+                               [stage, fingerprint]).fetchall()
+        return {r[0]: RegisteredShard(r[0], self.root / r[1], r[2], r[3], r[4]) for r in rows}
+
+    def register(self, stage: str, fingerprint: str, shard: int, written: ShardFile) -> None:
+        """Called only after the rename: a registered shard is always a complete file."""
+        relative = written.path.relative_to(self.root).as_posix()
+        with self.connect() as con:
+            con.execute("INSERT OR REPLACE INTO shards (stage, fingerprint, shard, path, rows, bytes, sha256) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [stage, fingerprint, shard, relative, written.rows, written.bytes, written.sha256])
+            self._write_views(con)
+
+    def unregister(self, stage: str, fingerprint: str, shard: int) -> None:
+        with self.connect() as con:
+            con.execute("DELETE FROM shards WHERE stage = ? AND fingerprint = ? AND shard = ?", [stage, fingerprint, shard])
+            self._write_views(con)
+
+    def active_fingerprint(self, stage: str) -> str | None:
+        with self.connect(read_only=True) as con:
+            row = con.execute("SELECT fingerprint FROM stages WHERE stage = ? AND active", [stage]).fetchone()
+        return row[0] if row else None
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def refresh_views_if_moved(self) -> None:
+        with self.connect(read_only=True) as con:
+            row = con.execute("SELECT value FROM meta WHERE key = 'root'").fetchone()
+        if row is None or row[0] != str(self.root):
+            with self.connect() as con:
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", [str(self.root)])
+                self._write_views(con)
+
+    def _write_views(self, con) -> None:
+        """Each view = the registered shards of its stages' active fingerprints, absolute paths."""
+        for view, stages in VIEW_STAGES.items():
+            files = [str(self.root / path) for (path,) in con.execute(
+                "SELECT s.path FROM shards s JOIN stages t USING (stage, fingerprint) "
+                "WHERE t.active AND s.stage IN (SELECT unnest(?)) ORDER BY s.stage, s.shard", [stages]).fetchall()]
+            if not files:
+                files = [str(self._empty_shard(stages[0]))]
+            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}])")
+        con.execute(PAIRS_SQL)
+
+    def _empty_shard(self, stage: str) -> Path:
+        """A zero-row file with the stage's schema, so empty views still have typed columns."""
+        path = self.root / "_empty" / f"{stage}.parquet"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(STAGES[stage].empty_table(), path)
+        return path
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def status(self) -> list[dict]:
+        """One row per stage fingerprint: shards done of expected, rows, bytes, active or stale."""
+        with self.connect(read_only=True) as con:
+            cursor = con.execute("""
+                SELECT t.stage, t.fingerprint, t.active, t.n_shards, count(s.shard) AS done,
+                       coalesce(sum(s.rows), 0) AS rows, coalesce(sum(s.bytes), 0) AS bytes,
+                       t.created_at
+                FROM stages t LEFT JOIN shards s USING (stage, fingerprint)
+                GROUP BY ALL ORDER BY t.active DESC, t.created_at, t.stage""")
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+    def verify(self) -> list[str]:
+        """Every registered shard: present, same size and checksum, readable, right fingerprint."""
+        problems = []
+        with self.connect(read_only=True) as con:
+            rows = con.execute("SELECT stage, fingerprint, shard, path, bytes, sha256 FROM shards ORDER BY ALL").fetchall()
+        for stage, fp, shard, rel, size, sha in rows:
+            problem = shard_problem(self.root / rel, size, sha, stage, fp)
+            if problem:
+                problems.append(f"{stage} shard {shard} ({rel}): {problem}")
+        return problems
+
+
+def shard_problem(path: Path, size: int, sha256: str, stage: str, fingerprint: str) -> str | None:
+    """Why a registered shard cannot be trusted, or None when it is intact."""
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != size:
+        return f"size {path.stat().st_size} bytes, registered {size} (truncated or overwritten)"
+    if file_sha256(path) != sha256:
+        return "checksum mismatch (corrupted)"
+    try:
+        meta = shard_metadata(path)
+    except CacheError as exc:
+        return str(exc)
+    if meta.get("stage") != stage or meta.get("fingerprint") != fingerprint:
+        return "metadata names another stage or fingerprint"
+    return None

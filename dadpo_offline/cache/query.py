@@ -1,0 +1,81 @@
+"""Read-only SQL over the cache, and the shared output formats of every command that prints rows."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import DadpoError
+from .index import open_cache
+
+READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+def run_query(cache_dir: str | Path, query: str, params: list | None = None) -> pa.Table:
+    """Run one read-only statement; anything that could write (INSERT, COPY, ATTACH, SET ...) is refused."""
+    cache = open_cache(cache_dir)
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise DadpoError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+    if len(statements) != 1:
+        raise DadpoError(f"give exactly one SQL statement (got {len(statements)})")
+    kind = statements[0].type.name
+    if kind not in READ_STATEMENTS:
+        raise DadpoError(f"refused: {kind} statements could write; the sql command only reads")
+    with cache.connect(read_only=True) as con:
+        try:
+            relation = con.sql(query, params=params or None)
+            if relation is None:  # EXPLAIN ANALYZE and friends return no relation
+                return pa.table({})
+            # duckdb 2 renamed arrow() to to_arrow_table()
+            return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+        except duckdb.Error as exc:
+            raise DadpoError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+
+
+def _cell(value, limit: int = 60) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else ("" if value is None else str(value))
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def format_table(table: pa.Table) -> str:
+    rows = [[_cell(v) for v in row.values()] for row in table.to_pylist()]
+    widths = [max([len(name)] + [len(r[i]) for r in rows]) for i, name in enumerate(table.column_names)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    out = [line(table.column_names), line(["-" * w for w in widths])] + [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def write_rows(table: pa.Table, fmt: str, output: str | None) -> None:
+    """table | csv | json | jsonl to stdout or a file; parquet to a file only."""
+    if fmt == "parquet":
+        if not output:
+            raise DadpoError("--format parquet needs --output FILE")
+        pq.write_table(table, output, compression="zstd")
+        return
+    handle = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        rows = table.to_pylist()
+        if fmt == "table":
+            handle.write(format_table(table) + "\n")
+        elif fmt == "csv":
+            writer = csv.writer(handle)
+            writer.writerow(table.column_names)
+            writer.writerows([[json.dumps(v) if isinstance(v, (list, dict)) else v for v in r.values()] for r in rows])
+        elif fmt == "json":
+            handle.write(json.dumps(rows, default=str, ensure_ascii=False, indent=1) + "\n")
+        else:
+            handle.writelines(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows)
+    finally:
+        if output:
+            handle.close()
+
+
+

@@ -1,0 +1,81 @@
+"""Column layout of every stage's shards, and the SQL views that any DuckDB client sees.
+
+Rows are keyed by ids, never by text: prompt_id, sample, role (who wrote the response:
+teacher or student) and scorer (whose log-probs: teacher or reference).
+"""
+import pyarrow as pa
+
+ids = pa.list_(pa.int32())
+
+PROMPTS = pa.schema([
+    ("prompt_id", pa.string()),  # sha256 of the canonical messages JSON, 16 hex digits
+    ("source", pa.string()),
+    ("split", pa.string()),  # train / heldout
+    ("category", pa.string()),
+    ("messages", pa.string()),  # JSON list of {role, content}, ending with a user turn
+    ("n_turns", pa.int32()),
+    ("student_prompt_tokens", pa.int32()),
+    ("teacher_prompt_tokens", pa.int32()),
+    ("shard", pa.int32()),  # which work shard the prompt belongs to
+])
+
+GENERATIONS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("sample", pa.int32()),
+    ("role", pa.string()),  # teacher | student
+    ("seed", pa.int64()),
+    ("prompt_token_ids", ids),  # generator's tokenizer and chat template
+    ("response_token_ids", ids),  # exactly what was sampled, end-of-turn included when it stopped
+    ("text", pa.string()),
+    ("finish_reason", pa.string()),  # stop | length
+    ("truncated", pa.bool_()),
+    ("n_tokens", pa.int32()),
+])
+
+SCORES = pa.schema([
+    ("prompt_id", pa.string()),
+    ("sample", pa.int32()),
+    ("role", pa.string()),  # whose response: teacher | student
+    ("scorer", pa.string()),  # whose log-probs: teacher | reference
+    ("input_ids", ids),  # scorer's token ids of prompt + response: what phase two trains on
+    ("prompt_len", pa.int32()),
+    ("token_logprobs", pa.list_(pa.float32())),  # one per response token
+    ("logprob", pa.float64()),  # sum over response tokens, end-of-turn included
+    ("n_tokens", pa.int32()),
+])
+
+# stage name -> (schema, view it feeds)
+STAGES = {
+    "prompts": PROMPTS,
+    "generate-teacher": GENERATIONS,
+    "generate-student": GENERATIONS,
+    "score-teacher": SCORES,
+    "score-reference": SCORES,
+}
+SCHEMAS = {"prompts": PROMPTS, "generations": GENERATIONS, "scores": SCORES}
+VIEW_STAGES = {
+    "prompts": ["prompts"],
+    "generations": ["generate-teacher", "generate-student"],
+    "scores": ["score-teacher", "score-reference"],
+}
+
+# One row per trainable pair: chosen = teacher response, rejected = student response, same sample.
+# Token ids and reference numbers are the student's (reference) view; teacher numbers its own.
+PAIRS_SQL = """
+CREATE OR REPLACE VIEW pairs AS
+SELECT p.prompt_id, rc.sample, p.split, p.category,
+       rc.input_ids AS chosen_input_ids, rc.prompt_len AS chosen_prompt_len,
+       rr.input_ids AS rejected_input_ids, rr.prompt_len AS rejected_prompt_len,
+       rc.logprob AS ref_chosen_logp, rr.logprob AS ref_rejected_logp,
+       tc.logprob AS teacher_chosen_logp, tr.logprob AS teacher_rejected_logp,
+       rc.n_tokens AS chosen_tokens, rr.n_tokens AS rejected_tokens,
+       tc.n_tokens AS teacher_chosen_tokens, tr.n_tokens AS teacher_rejected_tokens,
+       gt.truncated AS chosen_truncated, gs.truncated AS rejected_truncated
+FROM prompts p
+JOIN scores rc ON rc.prompt_id = p.prompt_id AND rc.role = 'teacher' AND rc.scorer = 'reference'
+JOIN scores rr ON rr.prompt_id = p.prompt_id AND rr.sample = rc.sample AND rr.role = 'student' AND rr.scorer = 'reference'
+JOIN scores tc ON tc.prompt_id = p.prompt_id AND tc.sample = rc.sample AND tc.role = 'teacher' AND tc.scorer = 'teacher'
+JOIN scores tr ON tr.prompt_id = p.prompt_id AND tr.sample = rc.sample AND tr.role = 'student' AND tr.scorer = 'teacher'
+JOIN generations gt ON gt.prompt_id = p.prompt_id AND gt.sample = rc.sample AND gt.role = 'teacher'
+JOIN generations gs ON gs.prompt_id = p.prompt_id AND gs.sample = rc.sample AND gs.role = 'student'
+"""

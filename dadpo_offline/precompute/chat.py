@@ -1,0 +1,60 @@
+"""Token ids of prompts and responses under one model's own tokenizer and chat template.
+
+Each model sees text through its own tokenizer: the teacher scores the student's words with
+the teacher's vocabulary, so sequence log-probs need no shared vocabulary. When the generator
+and the scorer share a tokenizer, the generator's exact ids are reused, never re-tokenised.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ..errors import ModelError
+from ..models import ResolvedModel
+
+
+@dataclass
+class ChatFormat:
+    tokenizer: object
+    end_of_turn_id: int
+    identity: str  # hash of vocabulary, chat template and end-of-turn id
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Template with the assistant header appended: what the model continues from."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def response_ids(self, text: str, finished: bool) -> list[int]:
+        """Response text in this tokenizer, closed by the end-of-turn token unless it was cut short."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids + [self.end_of_turn_id] if finished else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_chat_format(model: ResolvedModel, end_of_turn: str | None = None) -> ChatFormat:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision if model.on_hub else None)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {model.reference}: {str(exc).splitlines()[0]}") from exc
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError(f"{model.reference} has no chat template; give a chat (instruct) model")
+    token = end_of_turn or tokenizer.eos_token
+    eot = tokenizer.convert_tokens_to_ids(token) if token else None
+    if eot is None or eot == tokenizer.unk_token_id:
+        raise ModelError(f"{model.reference}: end-of-turn token {token!r} is not in the vocabulary; "
+                         "set end_of_turn in the manifest")
+    digest = hashlib.sha256()
+    if hasattr(tokenizer, "backend_tokenizer"):
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(tokenizer.chat_template.encode() if isinstance(tokenizer.chat_template, str)
+                  else repr(tokenizer.chat_template).encode())
+    digest.update(str(eot).encode())
+    return ChatFormat(tokenizer, int(eot), digest.hexdigest()[:16])

@@ -1,0 +1,237 @@
+"""`dadpo-offline precompute`: prompts → generate (student, teacher) → score (teacher, reference).
+
+Recipe: validate everything (prompts, models, tokenizers) before touching the cache; then, stage
+by stage, build each missing shard of this job (`--shard i/N`), write it atomically, register
+it. A rerun skips registered, intact shards, so a kill at any moment loses only the shard in
+flight, and nothing is ever duplicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+import pyarrow as pa
+from tqdm import tqdm
+
+from ..cache.index import CacheIndex, open_cache, shard_problem
+from ..cache.shards import (ShardFile, file_sha256, fingerprint, read_shard, remove_stale_temps, shard_metadata,
+                            shard_path, write_shard)
+from ..errors import CacheError, InputError
+from ..manifest import Manifest, manifest_dict, write_resolved
+from ..models import ResolvedModel, resolve_model
+from .chat import ChatFormat, load_chat_format
+from .engines import engine_identity, open_engine, pick_backend, resolve_dtype
+from .prompts import Prompt, collect_prompts
+from .stages import fit_prompt, generate_shard, prompts_table, score_shard
+
+STAGE_CHOICES = ("all", "prompts", "generate", "score")
+
+
+@dataclass
+class StageReport:
+    stage: str
+    fingerprint: str
+    built: int = 0
+    skipped: int = 0
+    rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Summary:
+    prompts: int
+    dropped: dict
+    stages: list[StageReport] = field(default_factory=list)
+
+
+@dataclass
+class Role:
+    """One model as a stage uses it: resolved weights, its own chat format, engine numerics."""
+    name: str
+    model: ResolvedModel
+    fmt: ChatFormat
+    dtype: str
+
+
+class Engines:
+    """Keeps one engine loaded at a time and reuses it while consecutive stages want the same model."""
+
+    def __init__(self, manifest: Manifest, backend: str):
+        self.manifest, self.backend, self.key, self.engine = manifest, backend, None, None
+
+    def get(self, role: Role):
+        key = (role.model.path, role.model.revision, role.dtype)
+        if key != self.key:
+            self.close()
+            tqdm.write(f"loading {role.model.reference} ({self.backend}, {role.dtype}) for {role.name}", file=sys.stderr)
+            self.engine = open_engine(role.model, self.backend, role.dtype, self.manifest.engine, role.fmt.end_of_turn_id)
+            self.key = key
+        return self.engine
+
+    def close(self):
+        if self.engine is not None:
+            self.engine.close()
+        self.engine, self.key = None, None
+
+
+def parse_shard_spec(spec: str | None) -> tuple[int, int]:
+    if not spec:
+        return 0, 1
+    try:
+        index, total = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < total:
+        raise InputError(f"--shard {spec}: need 0 <= I < N")
+    return index, total
+
+
+def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = None, force: bool = False) -> Summary:
+    job, jobs = parse_shard_spec(shard_spec)
+    # 1. Validate all inputs before the cache exists or changes.
+    prompts, counts = collect_prompts(manifest.prompts)
+    backend = pick_backend(manifest.engine.backend)
+    roles = {name: _role(name, getattr(manifest, name) if name != "reference" else manifest.reference_model)
+             for name in ("student", "teacher", "reference")}
+    fitted, lengths = [], []
+    for prompt in prompts:
+        kept, n = fit_prompt(prompt, [roles["student"].fmt, roles["teacher"].fmt],
+                             manifest.prompts.max_prompt_tokens, manifest.prompts.long_prompts)
+        if kept is None:
+            counts["too_long"] += 1
+        else:
+            fitted.append(kept)
+            lengths.append(n)
+    if not fitted:
+        raise InputError(f"all {len(prompts)} prompts are longer than prompts.max_prompt_tokens="
+                         f"{manifest.prompts.max_prompt_tokens}")
+    shard_size = manifest.engine.shard_size
+    shards = [fitted[i:i + shard_size] for i in range(0, len(fitted), shard_size)]
+    mine = [k for k in range(len(shards)) if k % jobs == job]
+    summary = Summary(len(fitted), {k: v for k, v in counts.items() if k != "read"})
+
+    # 2. Fingerprints: every setting that shapes a stage's rows.
+    prompt_settings = {"prompts": [p.prompt_id for p in fitted], "config": manifest_dict(manifest)["prompts"],
+                       "formats": [roles["student"].fmt.identity, roles["teacher"].fmt.identity], "shard_size": shard_size}
+    fps = {"prompts": fingerprint(prompt_settings)}
+    settings = {"prompts": prompt_settings}
+    for role in ("student", "teacher"):
+        r = roles[role]
+        settings[f"generate-{role}"] = {"prompts": fps["prompts"], **_model_settings(r, backend, manifest),
+                                        "sampling": dataclasses.asdict(getattr(manifest.generate, role)),
+                                        "samples_per_prompt": manifest.generate.samples_per_prompt}
+        fps[f"generate-{role}"] = fingerprint(settings[f"generate-{role}"])
+    for scorer in ("teacher", "reference"):
+        settings[f"score-{scorer}"] = {"prompts": fps["prompts"], "generate-teacher": fps["generate-teacher"],
+                                       "generate-student": fps["generate-student"],
+                                       **_model_settings(roles[scorer], backend, manifest)}
+        fps[f"score-{scorer}"] = fingerprint(settings[f"score-{scorer}"])
+
+    # 3. Build what is missing, stage by stage.
+    cache = open_cache(manifest.cache_dir, create=True)
+    engines = Engines(manifest, backend)
+    wanted = {"all": ["prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference"],
+              "prompts": ["prompts"], "generate": ["prompts", "generate-student", "generate-teacher"],
+              "score": ["prompts", "score-teacher", "score-reference"]}[stage]
+    lengths_by_shard = [lengths[i:i + shard_size] for i in range(0, len(lengths), shard_size)]
+    try:
+        for name in wanted:
+            fp = fps[name]
+            cache.begin_stage(name, fp, settings[name], 1 if name == "prompts" else len(shards))
+            stage_dir = cache.stage_dir(name, fp)
+            remove_stale_temps(stage_dir)
+            write_resolved(manifest, stage_dir / "manifest.yaml")
+            report = StageReport(name, fp)
+            todo = [0] if name == "prompts" else mine
+            done = _intact_shards(cache, name, fp, todo, force)
+            bar = tqdm(todo, desc=name, unit="shard", file=sys.stderr, dynamic_ncols=True)
+            start = time.perf_counter()
+            for k in bar:
+                if k in done:
+                    report.skipped += 1
+                    continue
+                if name == "prompts":
+                    table = prompts_table(fitted, lengths, shard_size)
+                elif name.startswith("generate-"):
+                    role = roles[name.split("-", 1)[1]]
+                    table = generate_shard(shards[k], role.name, role.fmt, engines.get(role),
+                                           getattr(manifest.generate, role.name), manifest.generate.samples_per_prompt)
+                else:
+                    role = roles[name.split("-", 1)[1]]
+                    generations = _generations(cache, fps, k)
+                    table = score_shard(shards[k], generations, {"teacher": roles["teacher"].fmt,
+                                        "student": roles["student"].fmt}, role.name, role.fmt, engines.get(role))
+                written = write_shard(table, shard_path(stage_dir, k), {"stage": name, "fingerprint": fp, "shard": k})
+                cache.register(name, fp, k, written)
+                report.built += 1
+                report.rows += table.num_rows
+                if "n_tokens" in table.column_names:
+                    report.tokens += sum(table.column("n_tokens").to_pylist())
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(rows=report.rows, tok_s=f"{report.tokens / max(elapsed, 1e-9):.0f}")
+            bar.close()
+            report.seconds = time.perf_counter() - start
+            summary.stages.append(report)
+    finally:
+        engines.close()
+    return summary
+
+
+def _role(name: str, config) -> Role:
+    model = resolve_model(config.model, config.revision)
+    return Role(name, model, load_chat_format(model, config.end_of_turn), resolve_dtype(config.dtype))
+
+
+def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
+    return {"model": role.model.reference, "revision": role.model.revision, "chat_format": role.fmt.identity,
+            "engine": engine_identity(backend, role.dtype, manifest.engine)}
+
+
+def _intact_shards(cache: CacheIndex, stage: str, fp: str, todo: list[int], force: bool) -> set[int]:
+    """Shards that need no work: registered and intact, or complete on disk but not yet registered."""
+    registered = cache.registered(stage, fp)
+    done = set()
+    for k in todo:
+        path = shard_path(cache.stage_dir(stage, fp), k)
+        entry = registered.get(k)
+        if force:
+            continue
+        if entry is not None:
+            problem = shard_problem(entry.path, entry.bytes, entry.sha256, stage, fp)
+            if problem is None:
+                done.add(k)
+            else:
+                tqdm.write(f"{stage} shard {k}: {problem}; rebuilding it", file=sys.stderr)
+                cache.unregister(stage, fp, k)
+        elif path.is_file():  # renamed but the job died before registering: adopt it if it is ours
+            try:
+                ours = shard_metadata(path).get("fingerprint") == fp
+            except CacheError:
+                ours = False
+            if ours:
+                table_rows = read_shard(path).num_rows
+                cache.register(stage, fp, k, ShardFile(path, table_rows, path.stat().st_size, file_sha256(path)))
+                done.add(k)
+    return done
+
+
+def _generations(cache: CacheIndex, fps: dict, k: int):
+    tables = []
+    for role in ("teacher", "student"):
+        entry = cache.registered(f"generate-{role}", fps[f"generate-{role}"]).get(k)
+        if entry is None:
+            raise CacheError(f"generate-{role} shard {k} is missing for these settings — run: "
+                             f"dadpo-offline precompute MANIFEST --stage generate")
+        tables.append(read_shard(entry.path))
+    return pa.concat_tables(tables)
+
+
+def format_summary(summary: Summary) -> str:
+    lines = [f"prompts: {summary.prompts} kept" + (f"; dropped {summary.dropped}" if summary.dropped else "")]
+    for r in summary.stages:
+        rate = f", {r.tokens / r.seconds:.0f} tok/s" if r.tokens and r.seconds else ""
+        lines.append(f"{r.stage:<17} {r.fingerprint}  built {r.built}, skipped {r.skipped}, rows {r.rows}, "
+                     f"tokens {r.tokens}, {r.seconds:.1f} s{rate}")
+    return "\n".join(lines)
