@@ -117,10 +117,47 @@ def run(manifest, overrides, dry_run):
 
 @main.command(context_settings=CONTEXT)
 @manifest_options
+@click.option("--stage", type=click.Choice(["sft", "dadpo"]), default="dadpo", show_default=True,
+              help="sft: fine-tune the student on teacher responses (makes the reference); dadpo: preference training.")
+@click.option("--loss", type=click.Choice(["dadpo", "ddpo", "rdpo"]), help="Loss for --stage dadpo (default: train.loss).")
+@click.option("--beta1", type=float, help="Weight of the reference anchor (default: train.beta1).")
+@click.option("--beta2", type=float, help="Weight of the teacher anchor (default: train.beta2).")
+@click.option("--max-steps", type=int, help="Stop after this many optimiser steps (default: train.max_steps).")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Folder for stage outputs (default: train.output_dir).")
+@click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint (default: train.resume).")
 @domain_errors
-def train(manifest, overrides):
-    """Train the student: dSFT, then daDPO / dDPO / rDPO from the cache (not implemented yet)."""
-    raise click.ClickException("train is not implemented yet")
+def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir, resume):
+    """Train the student: dSFT, then daDPO / dDPO / rDPO from the cache.
+
+    \b
+    Only the student policy (and its optimiser) is in memory: reference and teacher log-probs are
+    read from the cache. Rerun the same command after a crash to resume from the last checkpoint.
+    Multi-GPU: accelerate launch --config_file manifests/accelerate_fsdp.yaml -m dadpo_offline train ...
+
+    \b
+    Example:
+      dadpo-offline train manifests/demo.yaml --stage sft
+      dadpo-offline train manifests/demo.yaml --stage dadpo --loss dadpo --beta1 0.1 --beta2 0.01
+    """
+    import json
+
+    flags = {"loss": loss, "beta1": beta1, "beta2": beta2, "max_steps": max_steps, "output_dir": output_dir,
+             "resume": resume}
+    extra = [f"train.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    m = load(manifest, list(overrides) + extra)
+    if stage == "sft":
+        from .train.sft import train_sft
+
+        result = train_sft(m)
+    else:
+        from .train.dpo import train_dadpo
+
+        result = train_dadpo(m)
+    last = result["history"][-1] if result["history"] else {}
+    summary = {"stage": stage if stage == "sft" else m.train.loss, "output_dir": result["output_dir"],
+               "steps": result["steps"], "train_loss": result["train_loss"], "resumed_from": result["resumed_from"]}
+    summary.update({k: last[k] for k in ("rewards/margins", "rewards/accuracies") if k in last})
+    click.echo(json.dumps(summary))
 
 
 @main.command(name="eval", context_settings=CONTEXT)

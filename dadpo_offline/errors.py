@@ -19,3 +19,7 @@ class ModelError(DadpoError):
 
 class CacheError(DadpoError):
     """The cache directory is missing, not a cache, incomplete or corrupted."""
+
+
+class TrainError(DadpoError):
+    """Training cannot start or must stop: bad settings, a failed step-0 check, a non-finite step."""

@@ -77,7 +77,26 @@ class TrainConfig:
     learning_rate: float = 5e-7  # paper value
     batch_size: int = 32  # pairs per optimiser step (paper value)
     epochs: int = 1
-    output_dir: Optional[str] = None  # default: <cache_dir>/../train
+    output_dir: Optional[str] = None  # default: <cache_dir>/../train; stages write <output_dir>/sft and /<loss>
+    micro_batch_size: int = 4  # pairs per forward; batch_size / (micro_batch_size * GPUs) = grad accumulation
+    max_steps: int = -1  # > 0 stops after this many optimiser steps (smoke runs, sweeps)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"  # Trainer names
+    warmup_ratio: float = 0.1  # fraction of steps with a rising lr (OpenRLHF/paper style)
+    weight_decay: float = 0.0  # DPO recipes use none
+    max_grad_norm: float = 1.0  # clip; the norm is logged either way (0 disables clipping)
+    seed: int = 42  # model init of new heads, data order; same seed + resume = same final weights
+    bf16: Optional[bool] = None  # None: on when a CUDA GPU supports it, off on CPUs
+    gradient_checkpointing: bool = False  # trade ~30% more compute for activation memory
+    save_steps: int = 50  # checkpoint every N optimiser steps: the unit of resume after a crash
+    save_total_limit: Optional[int] = 2  # keep the newest N checkpoints
+    logging_steps: int = 1  # metrics every N steps (loss, margins, rewards, tokens/s)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # Trainer integrations; [] for none
+    resume: bool = True  # rerunning a stage continues from its newest checkpoint
+    init_model: Optional[str] = None  # daDPO start; default: the reference (the dSFT student)
+    sft_learning_rate: float = 2e-5  # dSFT is ordinary fine-tuning: a usual SFT rate
+    sft_epochs: int = 1
+    step0_pairs: int = 8  # pairs re-scored before daDPO to compare with the cached reference; 0 skips
+    step0_max_token_gap: float = 0.05  # nats/token (mean |policy − cached reference|) above which training stops
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class Manifest:
     name: str = "run"
-    cache_dir: str = "runs/default/cache"  # relative paths resolve against the manifest's folder
+    cache_dir: str = "runs/default/cache"  # relative: against the manifest's folder (no manifest: the cwd)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     reference: Optional[ModelConfig] = None  # the dSFT student; default: the student itself
@@ -125,12 +144,12 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
     for item in overrides:
         _apply_override(raw, item, problems)
     manifest = _build(Manifest, raw, "", problems)
-    problems += _check_combinations(manifest) if manifest is not None else []
+    if not problems:  # combinations only make sense once every field has its type
+        problems += _check_combinations(manifest)
     if problems:
         raise ManifestError(f"{where}: " + "; ".join(problems))
-    if path is not None and not Path(manifest.cache_dir).is_absolute():
-        manifest = dataclasses.replace(manifest, cache_dir=str((path.parent / manifest.cache_dir).resolve()))
-    return manifest
+    base = path.parent if path is not None else Path.cwd()
+    return dataclasses.replace(manifest, cache_dir=str((base / Path(manifest.cache_dir).expanduser()).resolve()))
 
 
 def _apply_override(raw: dict, item: str, problems: list[str]) -> None:

@@ -1,0 +1,133 @@
+"""Training rows read from the cache with DuckDB, and the collators that pad them.
+
+Phase two never re-tokenises: the token ids are the student's ids that the reference was
+scored on, read from the `pairs` view, and each row's response length is asserted against the
+cache's own count. Rows are plain lists (not tensors) so a dataset of 100k pairs stays small.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from ..cache.index import open_cache
+from ..errors import CacheError
+
+PAIR_COLUMNS = ["prompt_id", "sample", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
+                "rejected_prompt_len", "ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp",
+                "teacher_rejected_logp", "chosen_tokens", "rejected_tokens"]
+
+
+def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -> list[dict]:
+    """Every trainable pair of `split`, in a fixed order (the Trainer's seeded sampler shuffles)."""
+    cache = open_cache(cache_dir)
+    query = (f"SELECT {', '.join(PAIR_COLUMNS)} FROM pairs WHERE split = ? ORDER BY prompt_id, sample"
+             + (" LIMIT ?" if limit else ""))
+    with cache.connect(read_only=True) as con:
+        cursor = con.execute(query, [split, limit] if limit else [split])
+        rows = [dict(zip(PAIR_COLUMNS, r)) for r in cursor.fetchall()]
+    if not rows:
+        raise CacheError(f"no {split} pairs in {cache.root}: the pairs view needs generations and both scores — "
+                         "run: dadpo-offline precompute MANIFEST")
+    for row in rows:
+        check_lengths(row["chosen_input_ids"], row["chosen_prompt_len"], row["chosen_tokens"], row["prompt_id"])
+        check_lengths(row["rejected_input_ids"], row["rejected_prompt_len"], row["rejected_tokens"], row["prompt_id"])
+    return rows
+
+
+def check_lengths(ids: list[int], prompt_len: int, n_tokens: int, prompt_id: str) -> None:
+    """The response the trainer sums over must be exactly the one the cache scored."""
+    if prompt_len < 1 or len(ids) - prompt_len != n_tokens or n_tokens < 1:
+        raise CacheError(f"prompt {prompt_id}: cached ids hold {len(ids) - prompt_len} response tokens after "
+                         f"prompt_len {prompt_len}, but the cache counted {n_tokens} — the cache is inconsistent; "
+                         "rebuild it with: dadpo-offline precompute MANIFEST --stage score --force")
+
+
+def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list[dict]:
+    """Teacher responses as student token ids: (input_ids, prompt_len) per teacher generation.
+
+    Same tokenizer and template as the teacher: the sampled ids, unchanged. Otherwise the text
+    goes through the student's template exactly as phase one's score stage does, so dSFT sees
+    the same ids that the reference is later scored on.
+    """
+    cache = open_cache(cache_dir)
+    with cache.connect(read_only=True) as con:
+        row = con.execute("SELECT settings FROM stages WHERE stage = 'generate-teacher' AND active").fetchone()
+        rows = con.execute(
+            "SELECT g.prompt_id, g.sample, g.prompt_token_ids, g.response_token_ids, g.text, g.truncated, p.messages "
+            "FROM generations g JOIN prompts p USING (prompt_id) WHERE g.role = 'teacher' AND p.split = ? "
+            "ORDER BY g.prompt_id, g.sample", [split]).fetchall()
+    if row is None or not rows:
+        raise CacheError(f"no teacher generations for split {split} in {cache.root} — "
+                         "run: dadpo-offline precompute MANIFEST --stage generate")
+    same_format = json.loads(row[0]).get("chat_format") == student_fmt.identity
+    examples = []
+    for prompt_id, sample, prompt_ids, response_ids, text, truncated, messages in rows:
+        if not same_format:
+            prompt_ids = student_fmt.prompt_ids(json.loads(messages))
+            response_ids = student_fmt.response_ids(text, finished=not truncated)
+        if not response_ids:
+            continue
+        examples.append({"prompt_id": prompt_id, "sample": sample, "input_ids": list(prompt_ids) + list(response_ids),
+                         "prompt_len": len(prompt_ids)})
+    return examples
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+@dataclass
+class PairCollator:
+    """Chosen rows first, then rejected rows, right-padded: one forward scores both sides."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        ids, mask = _pad(seqs, self.pad_id)
+        as64 = lambda key: torch.tensor([f[key] for f in features], dtype=torch.float64)
+        return {
+            "input_ids": ids, "attention_mask": mask,
+            "prompt_lens": torch.tensor([f["chosen_prompt_len"] for f in features]
+                                        + [f["rejected_prompt_len"] for f in features], dtype=torch.long),
+            "seq_lens": torch.tensor([len(s) for s in seqs], dtype=torch.long),
+            "ref_chosen_logp": as64("ref_chosen_logp"), "ref_rejected_logp": as64("ref_rejected_logp"),
+            "teacher_chosen_logp": as64("teacher_chosen_logp"), "teacher_rejected_logp": as64("teacher_rejected_logp"),
+            "pair_index": torch.tensor([f["index"] for f in features], dtype=torch.long),
+        }
+
+
+@dataclass
+class SftCollator:
+    """Labels are the input ids on response tokens and −100 on prompt and padding."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids, mask = _pad([f["input_ids"] for f in features], self.pad_id)
+        labels = ids.clone()
+        for i, f in enumerate(features):
+            labels[i, : f["prompt_len"]] = -100
+            labels[i, len(f["input_ids"]):] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class RowDataset(torch.utils.data.Dataset):
+    """A list of dict rows; each row also carries its index so errors can name the pair."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.rows[i], "index": i}

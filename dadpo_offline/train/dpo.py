@@ -1,0 +1,139 @@
+"""`dadpo-offline train --stage dadpo`: daDPO / dDPO / rDPO from the cache, only the policy in memory.
+
+Recipe: check settings → read pairs from the cache → load the policy (the dSFT reference by
+default) → step-0 check against the cached reference log-probs → Trainer loop (resuming from
+the newest checkpoint) → save model, tokenizer, manifest and model card.
+
+The Trainer subclass overrides only public methods: `compute_loss` (policy sequence log-probs
+against the cached reference and teacher numbers, through a named loss from `losses.LOSSES`)
+and `log` (adds the daDPO metrics). Checkpoints, resume, gradient accumulation, schedules,
+bf16, gradient checkpointing, TensorBoard and `accelerate launch` (DDP, FSDP, DeepSpeed) are the
+Trainer's own.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from transformers import PrinterCallback, Trainer, TrainerCallback
+
+from ..errors import TrainError
+from ..manifest import Manifest
+from .check import step0_check
+from .data import PairCollator, RowDataset, load_pairs
+from .logps import sequence_logps
+from .losses import LOSSES, effective_betas
+from .runs import check_config, last_checkpoint, load_causal_lm, save_final, settings_dict, stage_dir, training_arguments
+
+METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/chosen", "rewards/rejected",
+           "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
+
+
+class DadpoTrainer(Trainer):
+    """Trainer whose loss is a registered preference loss of cached and policy log-probs."""
+
+    def __init__(self, *args, loss_name: str, beta1: float, beta2: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_fn = LOSSES[loss_name]
+        self.beta1, self.beta2 = beta1, beta2
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
+        self._sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)  # metrics, then pair count
+        self._tokens, self._clock = 0, time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = sequence_logps(model, inputs)
+        chosen, rejected = logps.chunk(2)
+        out = self.loss_fn(chosen, rejected, inputs["ref_chosen_logp"], inputs["ref_rejected_logp"],
+                           inputs["teacher_chosen_logp"], inputs["teacher_rejected_logp"], self.beta1, self.beta2)
+        loss = out.losses.mean()
+        if not torch.isfinite(loss):
+            rows = inputs["pair_index"].tolist()
+            raise TrainError(f"non-finite loss {loss.item()} at step {self.state.global_step + 1}, batch of pairs "
+                             f"{rows} (z = {out.z.tolist()}); no checkpoint was written for this step. Check those "
+                             "rows with: dadpo-offline sql CACHE \"SELECT * FROM pairs\" and lower train.learning_rate")
+        if model.training:
+            with torch.no_grad():
+                values = [out.ref_margin, out.teacher_margin, out.beta1 * out.ref_margin, out.beta2 * out.teacher_margin,
+                          out.rewards_chosen, out.rewards_rejected, out.z, (out.z > 0).double(), chosen.double(),
+                          rejected.double()]
+                self._sums += torch.stack([v.detach().sum().cpu() for v in values] + [torch.tensor(float(len(out.z)))])
+                self._tokens += int(inputs["attention_mask"].sum())
+        loss = loss.to(torch.float32)
+        return (loss, {"logps": logps}) if return_outputs else loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Add the daDPO metrics, averaged over pairs since the last log (and over processes)."""
+        if "loss" in logs and self._sums[-1] > 0:
+            totals = self._sums.to(self.args.device)
+            tokens = torch.tensor(float(self._tokens), device=self.args.device)
+            if self.args.world_size > 1:
+                totals, tokens = self.accelerator.reduce(totals, "sum"), self.accelerator.reduce(tokens, "sum")
+            totals = totals.cpu()
+            for name, value in zip(METRICS, (totals[:-1] / totals[-1]).tolist()):
+                logs[name] = value
+            now = time.perf_counter()
+            logs["tokens_per_second"] = float(tokens) / max(now - self._clock, 1e-9)
+            self._sums.zero_()
+            self._tokens, self._clock = 0, now
+        super().log(logs, start_time)
+
+
+class FiniteGradients(TrainerCallback):
+    """Stop before the optimiser applies a non-finite gradient: no silent NaN model."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            raise TrainError(f"non-finite gradients at step {state.global_step + 1} in {len(bad)} tensors "
+                             f"(first: {bad[0]}); the weights were not updated. Lower train.learning_rate or check "
+                             "the batch's cached log-probs")
+
+
+class EchoLogs(TrainerCallback):
+    """One line of metrics per log on stderr (stdout is for the final summary)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}
+            print(f"step {state.global_step}: {shown}", file=sys.stderr, flush=True)
+
+
+def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
+    t = manifest.train
+    check_config(t)
+    beta1, beta2 = effective_betas(t.loss, t.beta1, t.beta2)
+    output = stage_dir(manifest, t.loss)
+    pairs = load_pairs(manifest.cache_dir)
+    init = t.init_model or manifest.reference_model.model
+    revision = None if t.init_model else manifest.reference_model.revision
+    model, tokenizer, resolved = load_causal_lm(init, revision)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    top = max(max(p["chosen_input_ids"]) for p in pairs), max(max(p["rejected_input_ids"]) for p in pairs)
+    if max(top) >= vocab:
+        raise TrainError(f"cached token id {max(top)} is outside {init}'s vocabulary ({vocab}): the cache was "
+                         "built for another student — check the manifest's student and reference")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    args = training_arguments(t, output, t.learning_rate, t.epochs)
+    trainer = DadpoTrainer(model=model, args=args, train_dataset=RowDataset(pairs), data_collator=PairCollator(pad_id),
+                           processing_class=tokenizer, loss_name=t.loss, beta1=beta1, beta2=beta2,
+                           callbacks=[FiniteGradients()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
+    trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
+    resume_from = last_checkpoint(output, t.resume)
+    report = None
+    if t.step0_pairs and resume_from is None:
+        report = step0_check(trainer.model, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init,
+                             autocast=trainer.accelerator.autocast)
+        if not quiet:
+            print(report.line(), file=sys.stderr, flush=True)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    history = [h for h in trainer.state.log_history if "rewards/margins" in h]
+    card = {"stage": t.loss, "title": f"{t.loss} student from {init}",
+            "summary": f"{t.loss} (beta1={beta1}, beta2={beta2}) on {len(pairs)} cached pairs; chosen = teacher "
+                       "responses, rejected = student responses; reference and teacher log-probs read from the cache.",
+            "data": {"cache_dir": manifest.cache_dir, "pairs": len(pairs), "split": "train"},
+            "settings": settings_dict(t), "metrics": history[-1] if history else {}}
+    save_final(trainer, tokenizer, manifest, output, card)
+    return {"output_dir": str(output), "steps": trainer.state.global_step, "pairs": len(pairs),
+            "train_loss": result.training_loss, "resumed_from": resume_from,
+            "step0": report.__dict__ if report else None, "history": history}

@@ -1,0 +1,114 @@
+"""What both training stages share: settings checks, Trainer arguments, model loading, outputs.
+
+A stage's output folder holds `checkpoint-N/` folders while it runs (the unit of resume) and,
+at the end, a plain Hugging Face model directory (safetensors, tokenizer, chat template), the
+resolved manifest and a model card, so the result loads with transformers and vLLM as is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..errors import ModelError, TrainError
+from ..manifest import Manifest, TrainConfig, write_resolved
+from ..models import resolve_model
+
+
+def stage_dir(manifest: Manifest, stage: str) -> Path:
+    base = Path(manifest.train.output_dir) if manifest.train.output_dir else Path(manifest.cache_dir).parent / "train"
+    return base.expanduser().resolve() / stage
+
+
+def check_config(t: TrainConfig) -> None:
+    """Report every bad training setting at once."""
+    problems = []
+    for key in ("batch_size", "micro_batch_size", "epochs", "save_steps", "logging_steps", "sft_epochs"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    for key in ("beta1", "beta2", "weight_decay", "max_grad_norm", "step0_max_token_gap", "step0_pairs"):
+        if getattr(t, key) < 0:
+            problems.append(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    for key in ("learning_rate", "sft_learning_rate"):
+        if not getattr(t, key) > 0:
+            problems.append(f"train.{key} must be > 0, got {getattr(t, key)}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    used = {"dadpo": t.beta1 + t.beta2, "ddpo": t.beta1, "rdpo": t.beta2}[t.loss]
+    if used <= 0:
+        problems.append(f"train.loss={t.loss} needs a positive " + {"dadpo": "beta1 or beta2", "ddpo": "beta1",
+                                                                    "rdpo": "beta2"}[t.loss])
+    if problems:
+        raise TrainError("bad training settings: " + "; ".join(problems))
+
+
+def world_size() -> int:
+    return int(__import__("os").environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(t: TrainConfig, output: Path, learning_rate: float, epochs: int):
+    from transformers import TrainingArguments
+
+    micro = min(t.micro_batch_size, t.batch_size)
+    per_step = micro * world_size()
+    if t.batch_size % per_step:
+        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x GPUs = {per_step}")
+    bf16 = t.bf16 if t.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return TrainingArguments(
+        output_dir=str(output), per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // per_step,
+        learning_rate=learning_rate, num_train_epochs=epochs, max_steps=t.max_steps, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        data_seed=t.seed, bf16=bf16, gradient_checkpointing=t.gradient_checkpointing,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
+        report_to=list(t.report_to) or "none", remove_unused_columns=False,
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True,
+        save_only_model=False)
+
+
+def load_causal_lm(reference: str, revision: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = resolve_model(reference, revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision if model.on_hub else None)
+        lm = AutoModelForCausalLM.from_pretrained(model.path, revision=model.revision if model.on_hub else None,
+                                                  dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load {reference} for training: {str(exc).splitlines()[0]}") from exc
+    return lm, tokenizer, model
+
+
+def last_checkpoint(output: Path, resume: bool) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not resume or not output.is_dir():
+        return None
+    return get_last_checkpoint(str(output))
+
+
+def save_final(trainer, tokenizer, manifest: Manifest, output: Path, card: dict) -> None:
+    """Model + tokenizer (with chat template) + resolved manifest + model card, in the stage folder."""
+    trainer.save_model(str(output))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(output))
+        write_resolved(manifest, output / "manifest.yaml")
+        write_card(output, card)
+
+
+def write_card(output: Path, card: dict) -> None:
+    lines = ["---", "library_name: transformers", "tags: [dadpo-offline, " + card["stage"] + "]", "---", "",
+             f"# {card['title']}", "", card["summary"], "",
+             f"Written by dadpo-offline on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
+             "## Data", "", "```yaml", yaml.safe_dump(card["data"], sort_keys=False).rstrip(), "```", "",
+             "## Settings", "", "```yaml", yaml.safe_dump(card["settings"], sort_keys=False).rstrip(), "```", "",
+             "## Final metrics", "", "```json", json.dumps(card.get("metrics", {}), indent=1), "```", ""]
+    (output / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def settings_dict(t: TrainConfig) -> dict:
+    return dataclasses.asdict(t)

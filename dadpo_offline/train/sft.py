@@ -1,0 +1,49 @@
+"""`dadpo-offline train --stage sft`: dSFT, the student fine-tuned on the teacher's responses.
+
+The result is the reference π_ref of daDPO and its starting point. Loss: mean token
+cross-entropy on response tokens only (prompt and padding labelled −100), in the student's own
+chat template, on token ids from the cache (see `data.load_sft_examples`).
+
+Recipe: check settings → read teacher responses → load the student → Trainer loop (resuming
+from the newest checkpoint) → save a Hugging Face model directory with tokenizer, chat template,
+resolved manifest and model card. Next: point the manifest's `reference:` at it and rescore.
+"""
+from __future__ import annotations
+
+from transformers import PrinterCallback, Trainer
+
+from ..manifest import Manifest
+from ..precompute.chat import load_chat_format
+from .data import RowDataset, SftCollator, load_sft_examples
+from .dpo import EchoLogs, FiniteGradients
+from .runs import check_config, last_checkpoint, load_causal_lm, save_final, settings_dict, stage_dir, training_arguments
+
+
+def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
+    t = manifest.train
+    check_config(t)
+    output = stage_dir(manifest, "sft")
+    model, tokenizer, resolved = load_causal_lm(manifest.student.model, manifest.student.revision)
+    fmt = load_chat_format(resolved, manifest.student.end_of_turn)
+    examples = load_sft_examples(manifest.cache_dir, fmt)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.end_of_turn_id
+    args = training_arguments(t, output, t.sft_learning_rate, t.sft_epochs)
+    trainer = Trainer(model=model, args=args, train_dataset=RowDataset(examples), data_collator=SftCollator(pad_id),
+                      processing_class=tokenizer,
+                      callbacks=[FiniteGradients()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
+    trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
+    resume_from = last_checkpoint(output, t.resume)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    tokens = sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    card = {"stage": "dsft", "title": f"dSFT of {manifest.student.model} on {manifest.teacher.model}",
+            "summary": "The student fine-tuned on the teacher's responses (loss on response tokens only, student "
+                       "chat template). Use it as the manifest's `reference:` and as the daDPO starting point; "
+                       "then rescore: dadpo-offline precompute MANIFEST --stage score.",
+            "data": {"cache_dir": manifest.cache_dir, "teacher": manifest.teacher.model, "examples": len(examples),
+                     "response_tokens": tokens, "split": "train"},
+            "settings": {k: v for k, v in settings_dict(t).items() if not k.startswith(("beta", "step0", "loss"))},
+            "metrics": history[-1] if history else {}}
+    save_final(trainer, tokenizer, manifest, output, card)
+    return {"output_dir": str(output), "steps": trainer.state.global_step, "examples": len(examples),
+            "train_loss": result.training_loss, "resumed_from": resume_from, "history": history}

@@ -1,0 +1,124 @@
+import os
+import subprocess
+import sys
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from dadpo_offline.cache import open_cache
+from dadpo_offline.cache.query import run_query
+from dadpo_offline.cache.schema import GENERATIONS
+from dadpo_offline.cache.shards import fingerprint, remove_stale_temps, shard_metadata, shard_path, write_shard
+from dadpo_offline.errors import CacheError, DadpoError
+
+
+def generations(n, role="student"):
+    return pa.Table.from_pylist([{"prompt_id": f"p{i}", "sample": 0, "role": role, "seed": i, "prompt_token_ids": [1, 2],
+                                  "response_token_ids": [3, 4, 2], "text": "hi", "finish_reason": "stop",
+                                  "truncated": False, "n_tokens": 3} for i in range(n)], schema=GENERATIONS)
+
+
+@pytest.fixture
+def cache_with_generations(tmp_path):
+    cache = open_cache(tmp_path / "cache", create=True)
+    fp = fingerprint({"test": 1})
+    cache.begin_stage("generate-student", fp, {"test": 1}, 2)
+    for k in range(2):
+        written = write_shard(generations(3), shard_path(cache.stage_dir("generate-student", fp), k),
+                              {"stage": "generate-student", "fingerprint": fp, "shard": k})
+        cache.register("generate-student", fp, k, written)
+    return cache, fp
+
+
+def test_write_shard_is_atomic_and_carries_metadata(tmp_path):
+    path = shard_path(tmp_path, 3)
+    written = write_shard(generations(2), path, {"stage": "generate-student", "fingerprint": "abc", "shard": 3})
+    assert path.name == "shard-00003.parquet" and written.rows == 2 and len(written.sha256) == 64
+    assert shard_metadata(path) == {"stage": "generate-student", "fingerprint": "abc", "shard": "3"}
+    assert not list(tmp_path.glob("*.tmp-*"))
+    (tmp_path / "shard-00004.parquet.tmp-999").write_bytes(b"half a file")
+    assert remove_stale_temps(tmp_path) == 1
+
+
+def test_fingerprint_changes_with_any_setting():
+    base = {"model": "m", "sampling": {"temperature": 0.7, "max_tokens": 20}}
+    assert fingerprint(base) == fingerprint({"sampling": {"max_tokens": 20, "temperature": 0.7}, "model": "m"})
+    assert fingerprint(base) != fingerprint({**base, "sampling": {"temperature": 0.7, "max_tokens": 21}})
+
+
+def test_views_are_readable_by_stock_duckdb_from_another_directory(cache_with_generations, tmp_path):
+    cache, _ = cache_with_generations
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import duckdb; c = duckdb.connect('%s', read_only=True); "
+            "print(c.execute('SELECT count(*) FROM generations').fetchone()[0], "
+            "c.execute('SELECT count(*) FROM pairs').fetchone()[0])" % cache.index_path)
+    out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["6", "0"]
+
+
+def test_empty_cache_views_have_typed_columns(tmp_path):
+    cache = open_cache(tmp_path / "c", create=True)
+    with cache.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM pairs").fetchone()[0] == 0
+        columns = [r[0] for r in con.execute("DESCRIBE pairs").fetchall()]
+    assert {"chosen_input_ids", "ref_chosen_logp", "teacher_rejected_logp", "rejected_prompt_len"} <= set(columns)
+
+
+def test_verify_names_truncated_and_corrupted_shards(cache_with_generations):
+    cache, fp = cache_with_generations
+    assert cache.verify() == []
+    first, second = (shard_path(cache.stage_dir("generate-student", fp), k) for k in (0, 1))
+    first.write_bytes(first.read_bytes()[:100])
+    data = bytearray(second.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    second.write_bytes(bytes(data))
+    problems = cache.verify()
+    assert len(problems) == 2
+    assert "shard 0" in problems[0] and "truncated" in problems[0]
+    assert "shard 1" in problems[1] and "checksum mismatch" in problems[1]
+
+
+def test_status_counts_shards_rows_and_active(cache_with_generations):
+    cache, fp = cache_with_generations
+    cache.begin_stage("generate-student", "newer", {"test": 2}, 5)
+    rows = {r["fingerprint"]: r for r in cache.status()}
+    assert rows["newer"]["active"] and rows["newer"]["done"] == 0 and rows["newer"]["n_shards"] == 5
+    assert not rows[fp]["active"] and rows[fp]["done"] == 2 and rows[fp]["rows"] == 6
+    with cache.connect(read_only=True) as con:  # the view follows the active fingerprint only
+        assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
+
+
+def test_moved_cache_rewrites_its_views(cache_with_generations, tmp_path):
+    cache, _ = cache_with_generations
+    moved = tmp_path / "moved"
+    os.rename(cache.root, moved)
+    assert run_query(moved, "SELECT count(*) AS n FROM generations").to_pylist() == [{"n": 6}]
+
+
+def test_sql_is_read_only_and_takes_parameters(cache_with_generations):
+    cache, _ = cache_with_generations
+    assert run_query(cache.root, "SELECT count(*) AS n FROM generations WHERE prompt_id = ?", ["p1"]).to_pylist() == [{"n": 2}]
+    for statement in ["DELETE FROM shards", "COPY (SELECT 1) TO 'x.csv'", "ATTACH 'x.db'", "CREATE TABLE t (x INT)",
+                      "SELECT 1; SELECT 2"]:
+        with pytest.raises(DadpoError):
+            run_query(cache.root, statement)
+    with cache.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM shards").fetchone()[0] == 2
+
+
+def test_open_cache_refuses_a_folder_that_is_not_a_cache(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="is not a dadpo-offline cache"):
+        open_cache(tmp_path / "stuff", create=True)
+    with pytest.raises(CacheError, match="no cache at .* run: dadpo-offline precompute"):
+        open_cache(tmp_path / "absent")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_index_that_is_not_duckdb_is_reported(tmp_path):
+    (tmp_path / "index.duckdb").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(CacheError, match="index"):
+        open_cache(tmp_path)

@@ -1,0 +1,69 @@
+import pytest
+import yaml
+
+from dadpo_offline.errors import ManifestError
+from dadpo_offline.manifest import Manifest, load_manifest, write_resolved
+
+
+def test_manifest_defaults_without_file():
+    m = load_manifest(None)
+    assert m.teacher == Manifest().teacher and m.cache_dir.endswith("runs/default/cache")
+    assert m.reference_model == m.student
+
+
+def test_manifest_reports_every_problem_at_once(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("teacher: {model: 3, colour: red}\nbogus: 1\ngenerate: {samples_per_prompt: two}\n"
+                    "engine: {backend: tpu}\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    message = str(err.value)
+    assert message.startswith(str(path))
+    for fragment in ["unknown key teacher.colour", "teacher.model: expected str", "unknown key bogus",
+                     "generate.samples_per_prompt: expected int", "engine.backend: 'tpu' is not one of"]:
+        assert fragment in message
+
+
+def test_manifest_rejects_bad_combinations(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("prompts: {sources: [{builtin: train, jsonl: x.jsonl}]}\nengine: {shard_size: 0}\n")
+    with pytest.raises(ManifestError, match=r"sources\[0\]: give exactly one of.*shard_size: must be >= 1"):
+        load_manifest(path)
+
+
+def test_manifest_overrides_keep_types_and_win_over_file(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("generate: {teacher: {temperature: 0.5}}\n")
+    m = load_manifest(path, ["generate.teacher.temperature=0", "engine.shard_size=8", "train.beta2=0.1"])
+    assert m.generate.teacher.temperature == 0.0 and isinstance(m.generate.teacher.temperature, float)
+    assert m.engine.shard_size == 8 and m.train.beta2 == 0.1
+
+
+def test_manifest_override_with_unknown_key_is_rejected():
+    with pytest.raises(ManifestError, match="unknown key generate.teachr"):
+        load_manifest(None, ["generate.teachr.temperature=0"])
+
+
+def test_manifest_cache_dir_resolves_against_manifest_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "m.yaml"
+    path.write_text("cache_dir: ../c\n")
+    assert load_manifest(path).cache_dir == str((tmp_path / "c").resolve())
+
+
+def test_manifest_not_yaml_or_missing_is_one_line_error(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("teacher: [unclosed\n")
+    with pytest.raises(ManifestError, match="not valid YAML"):
+        load_manifest(path)
+    with pytest.raises(ManifestError, match="manifest file not found"):
+        load_manifest(tmp_path / "absent.yaml")
+
+
+def test_resolved_manifest_round_trips(tmp_path):
+    m = load_manifest(None, ["train.beta1=0.5", "name=x"])
+    write_resolved(m, tmp_path / "resolved.yaml")
+    text = (tmp_path / "resolved.yaml").read_text()
+    assert text.startswith("# resolved manifest")
+    assert load_manifest(tmp_path / "resolved.yaml") == m
+    assert yaml.safe_load(text)["train"]["beta1"] == 0.5
