@@ -1,0 +1,166 @@
+"""Shared fixtures: real models (embedded SmolLM2, a tiny model with its own tokenizer), real caches.
+
+Every test runs offline: a hub miss would otherwise retry for ~40 s.
+"""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+from dadpo_offline.manifest import load_manifest
+
+SMOLLM2 = "embedded:smollm2-135m-instruct"
+PROMPTS = [
+    {"prompt": "What is the capital of France?", "category": "everyday"},
+    {"prompt": "Name three primary colours.", "category": "stem"},
+    {"messages": [{"role": "user", "content": "Pick a number."}, {"role": "assistant", "content": "Seven."},
+                  {"role": "user", "content": "Why that one?"}], "category": "everyday"},
+    {"prompt": "Write one sentence about the sea.", "category": "writing"},
+    {"prompt": "What is 12 times 3?", "category": "math"},
+    {"prompt": "Give a synonym for happy.", "category": "writing"},
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_manifest(directory, prompts_file, cache_dir, teacher=SMOLLM2, student=SMOLLM2, shard_size=2):
+    """A small, fast manifest: short answers, two prompts per shard."""
+    path = directory / "manifest.yaml"
+    path.write_text(f"""\
+name: test
+cache_dir: {cache_dir}
+teacher: {{model: {teacher}}}
+student: {{model: {student}}}
+prompts:
+  sources: [{{jsonl: {prompts_file}}}]
+  max_prompt_tokens: 256
+generate:
+  teacher: {{temperature: 0.8, max_tokens: 20, seed: 0}}
+  student: {{temperature: 0.8, max_tokens: 20, seed: 1}}
+engine: {{backend: vllm, shard_size: {shard_size}}}
+""", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    from dadpo_offline.models import resolve_model
+
+    return resolve_model(SMOLLM2).path
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+
+
+@pytest.fixture
+def tiny_manifest(tmp_path, prompts_file):
+    return write_manifest(tmp_path, prompts_file, tmp_path / "cache")
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    """One real precompute (vLLM on CPU, SmolLM2 as teacher and student) shared by read-only tests."""
+    from dadpo_offline.precompute.run import precompute
+
+    base = tmp_path_factory.mktemp("small_cache")
+    manifest_path = write_manifest(base, write_jsonl(base / "prompts.jsonl", PROMPTS), base / "cache")
+    precompute(load_manifest(manifest_path))
+    return base / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_other_model(tmp_path_factory):
+    """A tiny Llama with its own word-level BPE tokenizer and chat template, built here, offline."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("tiny_other_model")
+    specials = ["<unk>", "<s>", "<eot>", "<user>", "<bot>", "<sys>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [p.get("prompt", "") for p in PROMPTS] + ["The capital of France is Paris. Red, blue and yellow."] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}<user>{% elif m['role'] == 'assistant' %}<bot>"
+                "{% else %}<sys>{% endif %}{{ m['content'] }}<eot>{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="<eot>",
+                                   pad_token="<eot>")
+    fast.chat_template = template
+    fast.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,  # head_dim 64: vLLM CPU attention needs it
+                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+# -- training fixtures: a tiny student that shares SmolLM2's tokenizer, and a cache built from it --
+
+def write_train_manifest(directory, cache_dir, student, teacher, extra=""):
+    """Manifest for training tests: tiny models, transformers engine (exact fp32 numerics), 2 samples."""
+    prompts_file = write_jsonl(directory / "prompts.jsonl", PROMPTS)
+    path = directory / "manifest.yaml"
+    path.write_text(f"""\
+name: train-test
+cache_dir: {cache_dir}
+teacher: {{model: {teacher}}}
+student: {{model: {student}}}
+prompts:
+  sources: [{{jsonl: {prompts_file}}}]
+  max_prompt_tokens: 256
+generate:
+  samples_per_prompt: 2
+  teacher: {{temperature: 1.0, max_tokens: 12, seed: 0}}
+  student: {{temperature: 1.0, max_tokens: 12, seed: 1}}
+engine: {{backend: transformers, shard_size: 3}}
+{extra}""", encoding="utf-8")
+    return path
+
+
+def build_tiny_student(directory, tokenizer_dir, seed=0):
+    """A random 2-layer Llama (head size 64, so vLLM's CPU kernels accept it) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, smollm2_dir):
+    return build_tiny_student(tmp_path_factory.mktemp("tiny_student"), smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_student, tiny_other_model):
+    """A real cache (transformers engine, fp32): tiny student, tiny teacher with ANOTHER tokenizer.
+
+    Returns the manifest path; 6 prompts x 2 samples = 12 pairs. Training tests copy the manifest
+    with their own output folder.
+    """
+    from dadpo_offline.precompute.run import precompute
+
+    base = tmp_path_factory.mktemp("tiny_cache")
+    path = write_train_manifest(base, base / "cache", tiny_student, tiny_other_model)
+    precompute(load_manifest(path))
+    return path

@@ -1,0 +1,110 @@
+"""`dadpo-offline precompute` and `run`: bad input gets one line, exit 1, and an untouched cache."""
+import hashlib
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import PROMPTS, write_jsonl, write_manifest
+from dadpo_offline.cli import main
+
+
+def snapshot(directory):
+    """Every file under a directory with its content hash: 'left exactly as it was' made checkable."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], result.output
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b'{"prompt": "fine"}\n{"prompt": \n', "bad.jsonl:2: malformed JSON"),
+    (b'{"prompt": ""}\n', "bad.jsonl:1: field 'prompt' is empty"),
+    (b'{"prompt": ["a"]}\n', "bad.jsonl:1: field 'prompt' must be a string, got list"),
+    (b'{"prompt": "\xff\xfe"}\n', "bad.jsonl:1: invalid UTF-8"),
+])
+def test_precompute_bad_prompts_leave_existing_cache_unchanged(small_cache, tmp_path, content, fragment):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    manifest = write_manifest(tmp_path, bad, small_cache)
+    before = snapshot(small_cache)
+    one_line_error(invoke("precompute", manifest), fragment)
+    assert snapshot(small_cache) == before
+
+
+def test_precompute_missing_model_fails_before_creating_the_cache(tmp_path, prompts_file):
+    manifest = write_manifest(tmp_path, prompts_file, tmp_path / "cache", teacher=tmp_path / "no-such-model")
+    one_line_error(invoke("precompute", manifest), "no-such-model' does not exist")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_precompute_refuses_a_cache_dir_that_is_not_a_cache(tmp_path, prompts_file):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    manifest = write_manifest(tmp_path, prompts_file, tmp_path / "mine")
+    one_line_error(invoke("precompute", manifest), "is not a dadpo-offline cache")
+    assert snapshot(tmp_path / "mine") == {"thesis.tex": hashlib.sha256(b"precious").hexdigest()}
+
+
+def test_precompute_prompts_over_max_are_skipped_and_counted_or_refused(tmp_path):
+    long = {"prompt": "word " * 400}
+    prompts = write_jsonl(tmp_path / "p.jsonl", [long, PROMPTS[0]])
+    manifest = write_manifest(tmp_path, prompts, tmp_path / "cache")
+    result = invoke("precompute", manifest, "--stage", "prompts", "--set", "prompts.max_prompt_tokens=100")
+    assert result.exit_code == 0, result.output
+    assert "prompts: 1 kept; dropped {'too_long': 1}" in result.output
+    only_long = write_jsonl(tmp_path / "long.jsonl", [long])
+    manifest = write_manifest(tmp_path, only_long, tmp_path / "cache2")
+    one_line_error(invoke("precompute", manifest, "--set", "prompts.max_prompt_tokens=100"),
+                   "all 1 prompts are longer than prompts.max_prompt_tokens=100")
+    assert not (tmp_path / "cache2").exists()
+
+
+def test_precompute_truncate_mode_drops_oldest_turns(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "story " * 150}, {"role": "assistant", "content": "ok"},
+                         {"role": "user", "content": "Now summarise it."}]}
+    manifest = write_manifest(tmp_path, write_jsonl(tmp_path / "p.jsonl", [chat]), tmp_path / "cache")
+    result = invoke("precompute", manifest, "--stage", "prompts", "--set", "prompts.max_prompt_tokens=100",
+                    "--set", "prompts.long_prompts=truncate")
+    assert result.exit_code == 0, result.output
+    out = invoke("sql", tmp_path / "cache", "SELECT messages FROM prompts", "-f", "json")
+    assert json.loads(json.loads(out.output)[0]["messages"]) == [{"role": "user", "content": "Now summarise it."}]
+
+
+def test_precompute_bad_shard_spec_and_bad_override_exit_nonzero(tiny_manifest):
+    one_line_error(invoke("precompute", tiny_manifest, "--shard", "2/2"), "--shard 2/2: need 0 <= I < N")
+    one_line_error(invoke("precompute", tiny_manifest, "--set", "engine.shard_size=many"),
+                   "engine.shard_size: expected int")
+    assert invoke("precompute", tiny_manifest, "--stage", "everything").exit_code == 2
+
+
+def test_run_dry_run_prints_the_plan_without_loading_models(tiny_manifest):
+    result = invoke("run", tiny_manifest, "--dry-run")
+    assert result.exit_code == 0 and "precompute: prompts, generate-student" in result.output
+    assert "shard_size: 2" in result.output
+    assert not (tiny_manifest.parent / "cache").exists()
+
+
+def test_verify_names_a_corrupted_shard_and_a_rerun_rebuilds_it(small_cache, tmp_path):
+    import shutil
+
+    cache = tmp_path / "copy"
+    shutil.copytree(small_cache, cache)
+    manifest = small_cache.parent / "manifest.yaml"
+    shard = sorted(cache.glob("score-teacher/*/shard-00001.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:-200])
+    result = invoke("cache", "verify", cache)
+    assert result.exit_code == 1
+    assert "score-teacher shard 1" in result.output and "truncated" in result.output
+    rerun = invoke("precompute", manifest, "--set", f"cache_dir={cache}")
+    assert rerun.exit_code == 0, rerun.output
+    assert "score-teacher     " in rerun.output and "built 1, skipped 2" in rerun.output
+    assert invoke("cache", "verify", cache).output.strip() == "all shards intact"
