@@ -6,6 +6,7 @@ problem at once (unknown keys, wrong types, bad combinations) in one error namin
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,4 +238,6 @@ def write_resolved(manifest: Manifest, path: Path) -> None:
     """Save the fully resolved manifest beside an output, so every result says how it was made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# resolved manifest written by dadpo-offline; rerun with: dadpo-offline run THIS_FILE\n"
-    path.write_text(header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False), encoding="utf-8")
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temp.write_text(header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False), encoding="utf-8")
+    os.replace(temp, path)  # concurrent --shard jobs may write it at the same moment

@@ -37,8 +37,10 @@ def test_write_shard_is_atomic_and_carries_metadata(tmp_path):
     assert path.name == "shard-00003.parquet" and written.rows == 2 and len(written.sha256) == 64
     assert shard_metadata(path) == {"stage": "generate-student", "fingerprint": "abc", "shard": "3"}
     assert not list(tmp_path.glob("*.tmp-*"))
-    (tmp_path / "shard-00004.parquet.tmp-999").write_bytes(b"half a file")
-    assert remove_stale_temps(tmp_path) == 1
+    (tmp_path / "shard-00004.parquet.tmp-host-999").write_bytes(b"half a file")
+    (tmp_path / "shard-00005.parquet.tmp-other-998").write_bytes(b"another job's file in flight")
+    assert remove_stale_temps(tmp_path, [3, 4]) == 1
+    assert (tmp_path / "shard-00005.parquet.tmp-other-998").exists()
 
 
 def test_fingerprint_changes_with_any_setting():
@@ -56,6 +58,36 @@ def test_views_are_readable_by_stock_duckdb_from_another_directory(cache_with_ge
             "c.execute('SELECT count(*) FROM pairs').fetchone()[0])" % cache.index_path)
     out = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["6", "0"]
+
+
+REGISTER_MANY = """
+import sys
+import pyarrow as pa
+from dadpo_offline.cache import open_cache
+from dadpo_offline.cache.shards import shard_path, write_shard
+sys.path.insert(0, sys.argv[3])
+from test_cache import generations
+cache = open_cache(sys.argv[1])
+job = int(sys.argv[2])
+for k in range(job, 16, 2):
+    path = shard_path(cache.stage_dir("generate-student", "fp"), k)
+    cache.register("generate-student", "fp", k, write_shard(generations(2), path,
+                   {"stage": "generate-student", "fingerprint": "fp", "shard": k}))
+"""
+
+
+def test_two_jobs_register_into_one_index_at_the_same_time(tmp_path):
+    """The DuckDB file takes one writer at a time; jobs wait their turn instead of failing."""
+    cache = open_cache(tmp_path / "cache", create=True)
+    cache.begin_stage("generate-student", "fp", {}, 16)
+    jobs = [subprocess.Popen([sys.executable, "-c", REGISTER_MANY, str(cache.root), str(job), os.path.dirname(__file__)],
+                             stderr=subprocess.PIPE, text=True) for job in (0, 1)]
+    for job in jobs:
+        assert job.wait(timeout=300) == 0, job.stderr.read()
+    assert sorted(cache.registered("generate-student", "fp")) == list(range(16))
+    assert cache.verify() == []
+    with cache.connect(read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT prompt_id) FROM generations").fetchone() == (32, 2)
 
 
 def test_empty_cache_views_have_typed_columns(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, str]) -> ShardF
     existing = table.schema.metadata or {}
     kv = {**existing, **{f"{METADATA_PREFIX}{k}".encode(): str(v).encode() for k, v in metadata.items()}}
     table = table.replace_schema_metadata(kv)
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     pq.write_table(table, temp, compression="zstd")
     with temp.open("rb+") as handle:
         os.fsync(handle.fileno())
@@ -79,11 +80,12 @@ def read_shard(path: Path) -> pa.Table:
         raise CacheError(f"{path}: not a readable Parquet shard ({exc})") from exc
 
 
-def remove_stale_temps(stage_dir: Path) -> int:
-    """Delete leftovers of writers that died before their rename; returns how many."""
-    if not stage_dir.is_dir():
-        return 0
-    stale = list(stage_dir.glob("*.tmp-*"))
+def remove_stale_temps(stage_dir: Path, shards: list[int]) -> int:
+    """Delete leftovers of writers that died before their rename, for the shards this job owns.
+
+    Other `--shard i/N` jobs own other shards, so their files in flight are never touched.
+    """
+    stale = [temp for k in shards for temp in stage_dir.glob(f"{shard_path(stage_dir, k).name}.tmp-*")]
     for temp in stale:
         temp.unlink(missing_ok=True)
     return len(stale)

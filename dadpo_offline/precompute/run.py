@@ -141,10 +141,11 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
             fp = fps[name]
             cache.begin_stage(name, fp, settings[name], 1 if name == "prompts" else len(shards))
             stage_dir = cache.stage_dir(name, fp)
-            remove_stale_temps(stage_dir)
-            write_resolved(manifest, stage_dir / "manifest.yaml")
             report = StageReport(name, fp)
             todo = [0] if name == "prompts" else mine
+            if name != "prompts" or jobs == 1:  # every job writes the (identical) prompts shard
+                remove_stale_temps(stage_dir, todo)
+            write_resolved(manifest, stage_dir / "manifest.yaml")
             done = _intact_shards(cache, name, fp, todo, force)
             bar = tqdm(todo, desc=name, unit="shard", file=sys.stderr, dynamic_ncols=True)
             start = time.perf_counter()
