@@ -182,3 +182,12 @@ def test_transformers_backend_fills_the_same_views(tmp_path, tiny_other_model):
                 for a in (False, True))
     assert status[("generate-teacher", False)] != status[("generate-teacher", True)]
     assert rows(cache, f"SELECT count(*) FROM {hf} a JOIN {vllm} b USING (prompt_id, sample, role)") == [(3,)]
+
+
+def test_stock_duckdb_client_reads_pairs_from_another_directory(small_cache, tmp_path):
+    code = ("import duckdb, sys; con = duckdb.connect(sys.argv[1], read_only=True); "
+            "print(con.execute('SELECT count(*), sum(len(chosen_input_ids)) > 0, "
+            "bool_and(teacher_rejected_logp < 0) FROM pairs').fetchone())")
+    out = subprocess.run([sys.executable, "-c", code, str(small_cache / "index.duckdb")], cwd=tmp_path,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(6, True, True)"
