@@ -157,7 +157,8 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
     summary = {"stage": stage if stage == "sft" else m.train.loss, "output_dir": result["output_dir"],
                "steps": result["steps"], "train_loss": result["train_loss"], "resumed_from": result["resumed_from"]}
     summary.update({k: last[k] for k in ("rewards/margins", "rewards/accuracies") if k in last})
-    click.echo(json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one summary line, not one per GPU
+        click.echo(json.dumps(summary))
 
 
 @main.command(name="eval", context_settings=CONTEXT)

@@ -51,6 +51,7 @@ def test_sql_on_a_missing_cache_names_the_next_command(tmp_path):
 def test_cache_status_lists_every_stage(small_cache):
     rows = json.loads(invoke("cache", "status", small_cache, "-f", "json").output)
     active = {r["stage"]: r for r in rows if r["active"]}
-    assert set(active) == {"prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference"}
+    assert set(active) == {"prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference",
+                           "pairs"}
     assert active["score-teacher"]["done"] == active["score-teacher"]["n_shards"] == 3
     assert active["score-teacher"]["rows"] == 12

@@ -15,7 +15,8 @@ from dadpo_offline.cache import open_cache
 from dadpo_offline.manifest import load_manifest
 from dadpo_offline.precompute.run import precompute
 
-KEY_COLUMNS = {"generations": "prompt_id, sample, role", "scores": "prompt_id, sample, role, scorer"}
+KEY_COLUMNS = {"generations": "prompt_id, sample, role", "scores": "prompt_id, sample, role, scorer",
+               "pairs": "prompt_id, sample"}
 # fp32 vLLM vs fp32 transformers on the same ids: measured ~1e-5 nats per token on this CPU
 SEQUENCE_LOGPROB_TOLERANCE = 2e-3
 
@@ -53,6 +54,18 @@ def test_precompute_fills_one_pair_per_prompt(small_cache):
         assert len(chosen) - chosen_len == chosen_tokens > 0
         assert len(rejected) - rejected_len == rejected_tokens > 0
         assert chosen[:chosen_len] == rejected[:rejected_len]  # same prompt, same student template
+
+
+def test_materialised_pairs_equal_the_join_over_scores(small_cache):
+    joined = rows(small_cache, """
+        SELECT rc.prompt_id, rc.input_ids, rr.input_ids, rc.logprob, rr.logprob, tc.logprob, tr.logprob
+        FROM scores rc JOIN scores rr USING (prompt_id, sample) JOIN scores tc USING (prompt_id, sample)
+        JOIN scores tr USING (prompt_id, sample)
+        WHERE rc.scorer = 'reference' AND rc.role = 'teacher' AND rr.scorer = 'reference' AND rr.role = 'student'
+          AND tc.scorer = 'teacher' AND tc.role = 'teacher' AND tr.scorer = 'teacher' AND tr.role = 'student'
+        ORDER BY 1""")
+    assert joined == rows(small_cache, """SELECT prompt_id, chosen_input_ids, rejected_input_ids, ref_chosen_logp,
+        ref_rejected_logp, teacher_chosen_logp, teacher_rejected_logp FROM pairs ORDER BY 1""")
 
 
 def test_sequence_logprob_is_sum_of_token_logprobs_end_of_turn_included(small_cache, smollm2_dir):
@@ -99,10 +112,10 @@ def test_two_shard_jobs_equal_one_unsharded_run(small_cache, tmp_path):
     manifest_path = write_manifest(tmp_path, write_jsonl(tmp_path / "prompts.jsonl", PROMPTS), tmp_path / "cache")
     manifest = load_manifest(manifest_path)
     first = precompute(manifest, shard_spec="0/2")
-    assert [r.built for r in first.stages] == [1, 2, 2, 2, 2]  # shards 0 and 2 of 3
+    assert [r.built for r in first.stages] == [1, 2, 2, 2, 2, 2]  # shards 0 and 2 of 3
     second = precompute(manifest, shard_spec="1/2")
-    assert [r.built for r in second.stages] == [0, 1, 1, 1, 1]
-    for view in ("generations", "scores"):
+    assert [r.built for r in second.stages] == [0, 1, 1, 1, 1, 1]
+    for view in ("generations", "scores", "pairs"):
         assert table(tmp_path / "cache", view) == table(small_cache, view)
 
 
@@ -168,7 +181,7 @@ def test_transformers_backend_fills_the_same_views(tmp_path, tiny_other_model):
                                    student=tiny_other_model)
     manifest = load_manifest(manifest_path, ["engine.backend=transformers"])
     summary = precompute(manifest)
-    assert [r.built for r in summary.stages] == [1, 2, 2, 2, 2]
+    assert [r.built for r in summary.stages] == [1, 2, 2, 2, 2, 2]
     cache = tmp_path / "cache"
     assert rows(cache, "SELECT count(*) FROM pairs") == [(3,)]
     settings = rows(cache, "SELECT settings FROM stages WHERE stage = 'score-teacher'")[0][0]
@@ -176,7 +189,7 @@ def test_transformers_backend_fills_the_same_views(tmp_path, tiny_other_model):
     with pytest.raises(Exception, match="generate-teacher shard 0 is missing .* --stage generate"):
         precompute(load_manifest(manifest_path), stage="score")  # vLLM generations were never made
     vllm_scores = precompute(load_manifest(manifest_path, ["engine.backend=vllm"]), stage="all")
-    assert [r.built for r in vllm_scores.stages] == [0, 2, 2, 2, 2]  # another engine: new fingerprints
+    assert [r.built for r in vllm_scores.stages] == [0, 2, 2, 2, 2, 2]  # another engine: new fingerprints
     status = {(r["stage"], r["active"]): r["fingerprint"] for r in open_cache(cache).status()}
     hf, vllm = (f"read_parquet('{cache}/generate-teacher/{status[('generate-teacher', a)]}/*.parquet')"
                 for a in (False, True))

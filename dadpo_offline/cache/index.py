@@ -20,7 +20,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from ..errors import CacheError
-from .schema import PAIRS_SQL, STAGES, VIEW_STAGES
+from .schema import STAGES, VIEW_STAGES
 from .shards import ShardFile, file_sha256, shard_metadata
 
 INDEX_NAME = "index.duckdb"
@@ -155,7 +155,6 @@ class CacheIndex:
                 files = [str(self._empty_shard(stages[0]))]
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}])")
-        con.execute(PAIRS_SQL)
 
     def _empty_shard(self, stage: str) -> Path:
         """A zero-row file with the stage's schema, so empty views still have typed columns."""

@@ -30,13 +30,16 @@ def run_query(cache_dir: str | Path, query: str, params: list | None = None) -> 
         raise DadpoError(f"refused: {kind} statements could write; the sql command only reads")
     with cache.connect(read_only=True) as con:
         try:
-            relation = con.sql(query, params=params or None)
-            if relation is None:  # EXPLAIN ANALYZE and friends return no relation
-                return pa.table({})
-            # duckdb 2 renamed arrow() to to_arrow_table()
-            return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+            return arrow_table(con.sql(query, params=params or None))
         except duckdb.Error as exc:
             raise DadpoError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+
+
+def arrow_table(relation) -> pa.Table:
+    """A DuckDB relation as an Arrow table (duckdb 2 renamed arrow() to to_arrow_table())."""
+    if relation is None:  # statements such as EXPLAIN ANALYZE return no relation
+        return pa.table({})
+    return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
 
 
 def _cell(value, limit: int = 60) -> str:

@@ -44,25 +44,32 @@ SCORES = pa.schema([
     ("n_tokens", pa.int32()),
 ])
 
-# stage name -> (schema, view it feeds)
-STAGES = {
-    "prompts": PROMPTS,
-    "generate-teacher": GENERATIONS,
-    "generate-student": GENERATIONS,
-    "score-teacher": SCORES,
-    "score-reference": SCORES,
-}
-SCHEMAS = {"prompts": PROMPTS, "generations": GENERATIONS, "scores": SCORES}
-VIEW_STAGES = {
-    "prompts": ["prompts"],
-    "generations": ["generate-teacher", "generate-student"],
-    "scores": ["score-teacher", "score-reference"],
-}
-
 # One row per trainable pair: chosen = teacher response, rejected = student response, same sample.
 # Token ids and reference numbers are the student's (reference) view; teacher numbers its own.
-PAIRS_SQL = """
-CREATE OR REPLACE VIEW pairs AS
+# Materialised per shard (stage `pairs`) so that reading pairs costs a scan, not six joins.
+PAIRS = pa.schema([
+    ("prompt_id", pa.string()),
+    ("sample", pa.int32()),
+    ("split", pa.string()),
+    ("category", pa.string()),
+    ("chosen_input_ids", ids),  # student ids of prompt + teacher response
+    ("chosen_prompt_len", pa.int32()),
+    ("rejected_input_ids", ids),  # student ids of prompt + student response
+    ("rejected_prompt_len", pa.int32()),
+    ("ref_chosen_logp", pa.float64()),
+    ("ref_rejected_logp", pa.float64()),
+    ("teacher_chosen_logp", pa.float64()),  # teacher's own tokenisation of the same text
+    ("teacher_rejected_logp", pa.float64()),
+    ("chosen_tokens", pa.int32()),  # response tokens, end-of-turn included
+    ("rejected_tokens", pa.int32()),
+    ("teacher_chosen_tokens", pa.int32()),
+    ("teacher_rejected_tokens", pa.int32()),
+    ("chosen_truncated", pa.bool_()),
+    ("rejected_truncated", pa.bool_()),
+])
+
+# Joins one shard's prompts, generations and scores (tables registered under these names).
+PAIRS_JOIN_SQL = """
 SELECT p.prompt_id, rc.sample, p.split, p.category,
        rc.input_ids AS chosen_input_ids, rc.prompt_len AS chosen_prompt_len,
        rr.input_ids AS rejected_input_ids, rr.prompt_len AS rejected_prompt_len,
@@ -78,4 +85,21 @@ JOIN scores tc ON tc.prompt_id = p.prompt_id AND tc.sample = rc.sample AND tc.ro
 JOIN scores tr ON tr.prompt_id = p.prompt_id AND tr.sample = rc.sample AND tr.role = 'student' AND tr.scorer = 'teacher'
 JOIN generations gt ON gt.prompt_id = p.prompt_id AND gt.sample = rc.sample AND gt.role = 'teacher'
 JOIN generations gs ON gs.prompt_id = p.prompt_id AND gs.sample = rc.sample AND gs.role = 'student'
+ORDER BY p.prompt_id, rc.sample
 """
+
+STAGES = {
+    "prompts": PROMPTS,
+    "generate-teacher": GENERATIONS,
+    "generate-student": GENERATIONS,
+    "score-teacher": SCORES,
+    "score-reference": SCORES,
+    "pairs": PAIRS,
+}
+# view -> the stages whose active shards it reads
+VIEW_STAGES = {
+    "prompts": ["prompts"],
+    "generations": ["generate-teacher", "generate-student"],
+    "scores": ["score-teacher", "score-reference"],
+    "pairs": ["pairs"],
+}

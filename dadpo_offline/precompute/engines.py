@@ -71,8 +71,12 @@ def open_engine(model: ResolvedModel, backend: str, dtype: str, config: EngineCo
 class VllmEngine:
     def __init__(self, model: ResolvedModel, dtype: str, config: EngineConfig, end_of_turn_id: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no spawn, no __main__ guard
+        import torch
         from vllm import LLM
 
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process;
+        # keep the real one so that work after close() (training, tests) can still set threads.
+        self._set_num_threads = torch.set_num_threads
         utilisation = config.gpu_memory_utilization or (0.85 if cuda_available() else 0.3)
         try:
             self.llm = LLM(model=model.path, revision=model.revision if model.on_hub else None, dtype=dtype,
@@ -109,8 +113,11 @@ class VllmEngine:
                 for out, seq, start in zip(outputs, sequences, prompt_lens)]
 
     def close(self) -> None:
+        import torch
+
         del self.llm
         gc.collect()
+        torch.set_num_threads = self._set_num_threads
 
 
 class TransformersEngine:

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from ..cache.index import CacheIndex, open_cache, shard_problem
@@ -23,7 +24,7 @@ from ..models import ResolvedModel, resolve_model
 from .chat import ChatFormat, load_chat_format
 from .engines import engine_identity, open_engine, pick_backend, resolve_dtype
 from .prompts import Prompt, collect_prompts
-from .stages import fit_prompt, generate_shard, prompts_table, score_shard
+from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard
 
 STAGE_CHOICES = ("all", "prompts", "generate", "score")
 
@@ -128,14 +129,16 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
                                        "generate-student": fps["generate-student"],
                                        **_model_settings(roles[scorer], backend, manifest)}
         fps[f"score-{scorer}"] = fingerprint(settings[f"score-{scorer}"])
+    settings["pairs"] = {stage: fps[stage] for stage in fps}
+    fps["pairs"] = fingerprint(settings["pairs"])
 
     # 3. Build what is missing, stage by stage.
     cache = open_cache(manifest.cache_dir, create=True)
     engines = Engines(manifest, backend)
-    wanted = {"all": ["prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference"],
+    wanted = {"all": ["prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference", "pairs"],
               "prompts": ["prompts"], "generate": ["prompts", "generate-student", "generate-teacher"],
-              "score": ["prompts", "score-teacher", "score-reference"]}[stage]
-    lengths_by_shard = [lengths[i:i + shard_size] for i in range(0, len(lengths), shard_size)]
+              "score": ["prompts", "score-teacher", "score-reference", "pairs"]}[stage]
+    all_prompts = prompts_table(fitted, lengths, shard_size)
     try:
         for name in wanted:
             fp = fps[name]
@@ -154,14 +157,18 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
                     report.skipped += 1
                     continue
                 if name == "prompts":
-                    table = prompts_table(fitted, lengths, shard_size)
+                    table = all_prompts
+                elif name == "pairs":
+                    table = pairs_shard(all_prompts.filter(pc.equal(all_prompts["shard"], k)),
+                                        _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate"),
+                                        _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"))
                 elif name.startswith("generate-"):
                     role = roles[name.split("-", 1)[1]]
                     table = generate_shard(shards[k], role.name, role.fmt, engines.get(role),
                                            getattr(manifest.generate, role.name), manifest.generate.samples_per_prompt)
                 else:
                     role = roles[name.split("-", 1)[1]]
-                    generations = _generations(cache, fps, k)
+                    generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
                     table = score_shard(shards[k], generations, {"teacher": roles["teacher"].fmt,
                                         "student": roles["student"].fmt}, role.name, role.fmt, engines.get(role))
                 written = write_shard(table, shard_path(stage_dir, k), {"stage": name, "fingerprint": fp, "shard": k})
@@ -218,13 +225,14 @@ def _intact_shards(cache: CacheIndex, stage: str, fp: str, todo: list[int], forc
     return done
 
 
-def _generations(cache: CacheIndex, fps: dict, k: int):
+def _shard_inputs(cache: CacheIndex, fps: dict, stages: list[str], k: int, producer: str) -> pa.Table:
+    """Shard k of earlier stages, concatenated; a missing one names the command that makes it."""
     tables = []
-    for role in ("teacher", "student"):
-        entry = cache.registered(f"generate-{role}", fps[f"generate-{role}"]).get(k)
+    for stage in stages:
+        entry = cache.registered(stage, fps[stage]).get(k)
         if entry is None:
-            raise CacheError(f"generate-{role} shard {k} is missing for these settings — run: "
-                             f"dadpo-offline precompute MANIFEST --stage generate")
+            raise CacheError(f"{stage} shard {k} is missing for these settings — run: "
+                             f"dadpo-offline precompute MANIFEST --stage {producer}")
         tables.append(read_shard(entry.path))
     return pa.concat_tables(tables)
 

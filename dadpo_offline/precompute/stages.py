@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+import duckdb
 import pyarrow as pa
 
-from ..cache.schema import GENERATIONS, PROMPTS, SCORES
+from ..cache.query import arrow_table
+from ..cache.schema import GENERATIONS, PAIRS, PAIRS_JOIN_SQL, PROMPTS, SCORES
 from ..manifest import SamplingConfig
 from .chat import ChatFormat
 from .engines import Request
@@ -91,3 +93,14 @@ def score_shard(prompts: list[Prompt], generations: pa.Table, generator_formats:
         "input_ids": seq, "prompt_len": start, "token_logprobs": lps, "logprob": float(sum(lps)),
         "n_tokens": len(seq) - start,
     } for row, seq, start, lps in zip(rows, sequences, prompt_lens, token_logprobs)], schema=SCORES)
+
+
+def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table) -> pa.Table:
+    """One row per (prompt, sample) with everything training reads, joined once, here, per shard."""
+    con = duckdb.connect()
+    try:
+        for name, table in (("prompts", prompts), ("generations", generations), ("scores", scores)):
+            con.register(name, table)
+        return arrow_table(con.sql(PAIRS_JOIN_SQL)).cast(PAIRS)
+    finally:
+        con.close()

@@ -38,8 +38,8 @@ class DadpoTrainer(Trainer):
         self.loss_fn = LOSSES[loss_name]
         self.beta1, self.beta2 = beta1, beta2
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
-        self._sums = torch.zeros(len(METRICS) + 1, dtype=torch.float64)  # metrics, then pair count
-        self._tokens, self._clock = 0, time.perf_counter()
+        self._sums = None  # on the loss's device: metrics, pair count, tokens; read only when logging (no syncs)
+        self._clock = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = sequence_logps(model, inputs)
@@ -56,26 +56,23 @@ class DadpoTrainer(Trainer):
             with torch.no_grad():
                 values = [out.ref_margin, out.teacher_margin, out.beta1 * out.ref_margin, out.beta2 * out.teacher_margin,
                           out.rewards_chosen, out.rewards_rejected, out.z, (out.z > 0).double(), chosen.double(),
-                          rejected.double()]
-                self._sums += torch.stack([v.detach().sum().cpu() for v in values] + [torch.tensor(float(len(out.z)))])
-                self._tokens += int(inputs["attention_mask"].sum())
+                          rejected.double(), torch.ones_like(out.z), inputs["attention_mask"].double()]
+                step = torch.stack([v.detach().sum() for v in values])
+                self._sums = step if self._sums is None else self._sums + step
         loss = loss.to(torch.float32)
         return (loss, {"logps": logps}) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Add the daDPO metrics, averaged over pairs since the last log (and over processes)."""
-        if "loss" in logs and self._sums[-1] > 0:
-            totals = self._sums.to(self.args.device)
-            tokens = torch.tensor(float(self._tokens), device=self.args.device)
+        if "loss" in logs and self._sums is not None:
+            totals = self._sums
             if self.args.world_size > 1:
-                totals, tokens = self.accelerator.reduce(totals, "sum"), self.accelerator.reduce(tokens, "sum")
-            totals = totals.cpu()
-            for name, value in zip(METRICS, (totals[:-1] / totals[-1]).tolist()):
-                logs[name] = value
+                totals = self.accelerator.reduce(totals, "sum")
+            *sums, pairs, tokens = totals.cpu().tolist()
+            logs.update({name: value / pairs for name, value in zip(METRICS, sums)})
             now = time.perf_counter()
-            logs["tokens_per_second"] = float(tokens) / max(now - self._clock, 1e-9)
-            self._sums.zero_()
-            self._tokens, self._clock = 0, now
+            logs["tokens_per_second"] = tokens / max(now - self._clock, 1e-9)
+            self._sums, self._clock = None, now
         super().log(logs, start_time)
 
 
@@ -83,11 +80,41 @@ class FiniteGradients(TrainerCallback):
     """Stop before the optimiser applies a non-finite gradient: no silent NaN model."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad = [name for name, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
+        local = lambda g: g.to_local() if hasattr(g, "to_local") else g  # FSDP2 shards are DTensors
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        # One norm (a scalar per tensor, no copies) is non-finite iff some gradient entry is.
+        flag = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag)  # every rank stops together, none waits in a collective
+        if flag.item():
+            bad = [name for name, p in model.named_parameters()
+                   if p.grad is not None and not torch.isfinite(local(p.grad)).all()] or ["another process's shard"]
             raise TrainError(f"non-finite gradients at step {state.global_step + 1} in {len(bad)} tensors "
                              f"(first: {bad[0]}); the weights were not updated. Lower train.learning_rate or check "
                              "the batch's cached log-probs")
+
+
+class Step0Check(TrainerCallback):
+    """Runs `check.step0_check` once the Trainer has placed (and, under FSDP, wrapped) the model.
+
+    Skipped on resume: the policy has moved away from the reference by design.
+    """
+
+    def __init__(self, trainer, cache_dir: str, pad_id: int, pairs: int, max_token_gap: float, policy_name: str,
+                 quiet: bool):
+        self.trainer, self.cache_dir, self.pad_id = trainer, cache_dir, pad_id
+        self.pairs, self.max_token_gap, self.policy_name, self.quiet = pairs, max_token_gap, policy_name, quiet
+        self.report = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step > 0 or not self.pairs:
+            return
+        self.report = step0_check(model, self.cache_dir, self.pad_id, self.pairs, self.max_token_gap,
+                                  self.policy_name, autocast=self.trainer.accelerator.autocast)
+        if not self.quiet and state.is_world_process_zero:
+            print(self.report.line(), file=sys.stderr, flush=True)
 
 
 class EchoLogs(TrainerCallback):
@@ -109,9 +136,9 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     revision = None if t.init_model else manifest.reference_model.revision
     model, tokenizer, resolved = load_causal_lm(init, revision)
     vocab = model.get_input_embeddings().weight.shape[0]
-    top = max(max(p["chosen_input_ids"]) for p in pairs), max(max(p["rejected_input_ids"]) for p in pairs)
-    if max(top) >= vocab:
-        raise TrainError(f"cached token id {max(top)} is outside {init}'s vocabulary ({vocab}): the cache was "
+    top = pairs.max_token_id()
+    if top >= vocab:
+        raise TrainError(f"cached token id {top} is outside {init}'s vocabulary ({vocab}): the cache was "
                          "built for another student — check the manifest's student and reference")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     args = training_arguments(t, output, t.learning_rate, t.epochs)
@@ -119,14 +146,11 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
                            processing_class=tokenizer, loss_name=t.loss, beta1=beta1, beta2=beta2,
                            callbacks=[FiniteGradients()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
+    check = Step0Check(trainer, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init, quiet)
+    trainer.add_callback(check)
     resume_from = last_checkpoint(output, t.resume)
-    report = None
-    if t.step0_pairs and resume_from is None:
-        report = step0_check(trainer.model, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init,
-                             autocast=trainer.accelerator.autocast)
-        if not quiet:
-            print(report.line(), file=sys.stderr, flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    report = check.report
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
     card = {"stage": t.loss, "title": f"{t.loss} student from {init}",
             "summary": f"{t.loss} (beta1={beta1}, beta2={beta2}) on {len(pairs)} cached pairs; chosen = teacher "

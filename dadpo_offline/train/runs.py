@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -47,7 +48,8 @@ def check_config(t: TrainConfig) -> None:
 
 
 def world_size() -> int:
-    return int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    """Processes started by `accelerate launch` / torchrun; known before the Trainer exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def training_arguments(t: TrainConfig, output: Path, learning_rate: float, epochs: int):
@@ -61,7 +63,8 @@ def training_arguments(t: TrainConfig, output: Path, learning_rate: float, epoch
     return TrainingArguments(
         output_dir=str(output), per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // per_step,
         learning_rate=learning_rate, num_train_epochs=epochs, max_steps=t.max_steps, lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
         data_seed=t.seed, bf16=bf16, gradient_checkpointing=t.gradient_checkpointing,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         logging_strategy="steps", logging_steps=t.logging_steps, logging_first_step=True,
