@@ -105,14 +105,16 @@ def run(manifest, overrides, dry_run):
     m = load(manifest, overrides)
     if dry_run:
         click.echo(yaml.safe_dump({"plan": ["precompute: prompts, generate-student, generate-teacher, score-teacher, "
-                                            "score-reference", "train: not implemented yet", "eval: not implemented yet"],
+                                            "score-reference, pairs",
+                                            "train: run separately for now: dadpo-offline train MANIFEST --stage sft|dadpo",
+                                            "eval: not implemented yet"],
                                    "manifest": manifest_dict(m)}, sort_keys=False))
         return
     summary = run_precompute(m)
     click.echo(format_summary(summary))
     click.echo(f"cache: {m.cache_dir}")
-    click.echo("train and eval are not implemented yet; query the cache with: "
-               f"dadpo-offline sql {m.cache_dir} \"SELECT * FROM pairs LIMIT 5\"", err=True)
+    click.echo(f"next: dadpo-offline train {manifest or DEFAULT_MANIFEST} --stage dadpo  (run does not chain "
+               f"training yet); inspect: dadpo-offline sql {m.cache_dir} \"SELECT * FROM pairs LIMIT 5\"", err=True)
 
 
 @main.command(context_settings=CONTEXT)
@@ -141,8 +143,8 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
     """
     import json
 
-    flags = {"loss": loss, "beta1": beta1, "beta2": beta2, "max_steps": max_steps, "output_dir": output_dir,
-             "resume": resume}
+    flags = {"loss": loss, "beta1": beta1, "beta2": beta2, "max_steps": max_steps, "resume": resume,
+             "output_dir": str(Path(output_dir).resolve()) if output_dir else None}  # a flag's path is the shell's
     extra = [f"train.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     m = load(manifest, list(overrides) + extra)
     if stage == "sft":

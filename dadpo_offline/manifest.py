@@ -150,7 +150,11 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
     if problems:
         raise ManifestError(f"{where}: " + "; ".join(problems))
     base = path.parent if path is not None else Path.cwd()
-    return dataclasses.replace(manifest, cache_dir=str((base / Path(manifest.cache_dir).expanduser()).resolve()))
+    absolute = lambda p: str((base / Path(p).expanduser()).resolve())
+    train = manifest.train
+    if train.output_dir is not None:
+        train = dataclasses.replace(train, output_dir=absolute(train.output_dir))
+    return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train)
 
 
 def _apply_override(raw: dict, item: str, problems: list[str]) -> None:

@@ -31,7 +31,8 @@ def write_jsonl(path, records):
     return path
 
 
-def write_manifest(directory, prompts_file, cache_dir, teacher=SMOLLM2, student=SMOLLM2, shard_size=2):
+def write_manifest(directory, prompts_file, cache_dir, teacher=SMOLLM2, student=SMOLLM2, shard_size=2,
+                   samples=1, max_tokens=20, temperature=0.8, backend="vllm"):
     """A small, fast manifest: short answers, two prompts per shard."""
     path = directory / "manifest.yaml"
     path.write_text(f"""\
@@ -43,9 +44,10 @@ prompts:
   sources: [{{jsonl: {prompts_file}}}]
   max_prompt_tokens: 256
 generate:
-  teacher: {{temperature: 0.8, max_tokens: 20, seed: 0}}
-  student: {{temperature: 0.8, max_tokens: 20, seed: 1}}
-engine: {{backend: vllm, shard_size: {shard_size}}}
+  samples_per_prompt: {samples}
+  teacher: {{temperature: {temperature}, max_tokens: {max_tokens}, seed: 0}}
+  student: {{temperature: {temperature}, max_tokens: {max_tokens}, seed: 1}}
+engine: {{backend: {backend}, shard_size: {shard_size}}}
 """, encoding="utf-8")
     return path
 
@@ -109,25 +111,10 @@ def tiny_other_model(tmp_path_factory):
 
 # -- training fixtures: a tiny student that shares SmolLM2's tokenizer, and a cache built from it --
 
-def write_train_manifest(directory, cache_dir, student, teacher, extra=""):
+def write_train_manifest(directory, cache_dir, student, teacher):
     """Manifest for training tests: tiny models, transformers engine (exact fp32 numerics), 2 samples."""
-    prompts_file = write_jsonl(directory / "prompts.jsonl", PROMPTS)
-    path = directory / "manifest.yaml"
-    path.write_text(f"""\
-name: train-test
-cache_dir: {cache_dir}
-teacher: {{model: {teacher}}}
-student: {{model: {student}}}
-prompts:
-  sources: [{{jsonl: {prompts_file}}}]
-  max_prompt_tokens: 256
-generate:
-  samples_per_prompt: 2
-  teacher: {{temperature: 1.0, max_tokens: 12, seed: 0}}
-  student: {{temperature: 1.0, max_tokens: 12, seed: 1}}
-engine: {{backend: transformers, shard_size: 3}}
-{extra}""", encoding="utf-8")
-    return path
+    return write_manifest(directory, write_jsonl(directory / "prompts.jsonl", PROMPTS), cache_dir, teacher, student,
+                          shard_size=3, samples=2, max_tokens=12, temperature=1.0, backend="transformers")
 
 
 def build_tiny_student(directory, tokenizer_dir, seed=0):

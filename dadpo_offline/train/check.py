@@ -33,7 +33,7 @@ class Step0Report:
     def line(self) -> str:
         return (f"step-0 check over {self.sequences} sequences ({self.tokens} tokens): |policy − cached reference| "
                 f"per sequence mean {self.seq_mean:.4f} max {self.seq_max:.4f} nats; "
-                f"per token mean {self.token_mean:.5f} max {self.token_max:.4f} nats")
+                f"per token mean {self.token_mean:.5f} max {self.token_max:.5f} nats")
 
 
 def cached_reference_sequences(cache_dir: str, pairs: int) -> tuple[list[dict], str]:

@@ -1,0 +1,315 @@
+"""Benchmark of phase two ("train"): our daDPO step against the baselines, same batches, one run.
+
+    python bench/train.py [CACHE_DIR] [--pairs 2] [--steps 3] [--rounds 2]
+    python bench/train.py [CACHE_DIR] --interleave 5     # step times only, drift-resistant
+
+Configurations, each in its own child process (peak memory is per process), all on the same
+pool of cached pairs (the first (steps+1)·pairs of the `pairs` view; the first step is warm-up
+and is not timed):
+
+  bare   hand loop: policy forward + backward (plain log_softmax + gather, sigmoid DPO against
+         constant reference numbers) + AdamW step. The floor for policy-only training.
+  policy the same Trainer and log-prob code as ours, loss = −mean policy log-prob: policy-only
+         training, to isolate what the cached numbers and the daDPO loss add.
+  ours   `DadpoTrainer` (transformers Trainer, grad-norm clipping, finite-gradient check), daDPO
+         with reference and teacher numbers read from the cache.
+  naive  the bare loop plus resident reference and teacher models scored every step (no_grad):
+         what daDPO costs without a cache.
+  live   TRL-style DPO: our Trainer, but the reference log-probs come from a resident reference
+         copy scored every step (no teacher), as DPOTrainer does without precomputation.
+
+Reported: the fastest step's seconds per 1,000 tokens (batches differ slightly in length: ours
+shuffles the same pool with the Trainer's seeded sampler; the minimum over steps and --rounds
+resists other jobs' load on a shared machine), peak memory (CUDA max allocated on GPUs, peak RSS on
+CPUs), and the ratios the issue asks for:
+  (a) ours ÷ bare time (target ≤ 1.05); (b) ours ÷ naive memory, and ours ÷ policy-only memory
+  (the cache may add ≤ 5% over policy-only training); (c) ours ÷ live time.
+Results on stdout; progress on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+                     ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_key, _value)
+
+CONFIGS = ["bare", "policy", "ours", "naive", "live"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cached_models(cache_dir: str) -> tuple[str, str]:
+    """(reference model, teacher model) as the cache says it scored them."""
+    from dadpo_offline.cache.index import open_cache
+
+    with open_cache(cache_dir).connect(read_only=True) as con:
+        rows = dict(con.execute("SELECT stage, settings->>'model' FROM stages WHERE active AND stage LIKE 'score-%'")
+                    .fetchall())
+    return rows["score-reference"], rows["score-teacher"]
+
+
+def peak_mib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def plain_seq_logps(model, batch):
+    """The obvious way: full logits, full log_softmax, gather, mask."""
+    import torch
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+    pos = torch.arange(1, batch["input_ids"].shape[1], device=logp.device)[None]
+    mask = (pos >= batch["prompt_lens"][:, None]) & (pos < batch["seq_lens"][:, None])
+    return (logp * mask).sum(-1)
+
+
+def run_child(config: str, cache_dir: str, pairs: int, steps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from dadpo_offline.train.data import PairCollator, RowDataset, load_pairs
+    from dadpo_offline.train.runs import load_causal_lm
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = load_pairs(cache_dir, limit=(steps + 1) * pairs)
+    reference, teacher = cached_models(cache_dir)
+    policy, tokenizer, _ = load_causal_lm(reference)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = PairCollator(pad)
+    batches = [collate([{**r, "index": i} for i, r in enumerate(rows[k * pairs:(k + 1) * pairs])]) for k in range(steps + 1)]
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
+    beta1, beta2 = 0.1, 0.01
+    times: list[float] = []
+    if config in ("bare", "naive"):
+        policy.to(device).train()
+        frozen = []
+        if config == "naive":
+            frozen = [load_causal_lm(m)[0].to(device).eval().requires_grad_(False) for m in (reference, teacher)]
+        opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            sync(device)
+            start = time.perf_counter()
+            logps = plain_seq_logps(policy, b)
+            if frozen:
+                with torch.no_grad():
+                    ref, te = (plain_seq_logps(m, b) for m in frozen)  # same ids: the bench cache shares a tokenizer
+                anchors = [ref.double().chunk(2), te.double().chunk(2)]
+            else:
+                anchors = [(b["ref_chosen_logp"], b["ref_rejected_logp"]), (b["teacher_chosen_logp"], b["teacher_rejected_logp"])]
+            c, r = logps.double().chunk(2)
+            z = beta1 * ((c - anchors[0][0]) - (r - anchors[0][1])) + beta2 * ((c - anchors[1][0]) - (r - anchors[1][1]))
+            (-F.logsigmoid(z)).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            times.append(time.perf_counter() - start)
+    else:
+        import tempfile
+
+        from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+
+        from dadpo_offline.train.dpo import DadpoTrainer, FiniteGradients
+        from dadpo_offline.train.logps import sequence_logps
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                sync(device)
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                sync(device)
+                times.append(time.perf_counter() - self.start)
+
+        seen: list[int] = []
+
+        def counting_collate(features):
+            batch = collate(features)
+            seen.append(int(batch["attention_mask"].sum()))
+            return batch
+
+        trainer_cls = DadpoTrainer
+        if config == "live":
+            ref_model = load_causal_lm(reference)[0].to(device).eval().requires_grad_(False)
+
+            class LiveReferenceTrainer(DadpoTrainer):
+                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                    with torch.no_grad():
+                        ref = sequence_logps(ref_model, inputs).double()
+                    inputs = {**inputs, "ref_chosen_logp": ref.chunk(2)[0], "ref_rejected_logp": ref.chunk(2)[1]}
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+            trainer_cls = LiveReferenceTrainer
+        elif config == "policy":
+            class PolicyOnlyTrainer(DadpoTrainer):
+                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                    return -sequence_logps(model, inputs).mean()
+
+            trainer_cls = PolicyOnlyTrainer
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs, max_steps=steps + 1,
+                                 learning_rate=1e-6, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+                                 report_to="none", remove_unused_columns=False, disable_tqdm=True,
+                                 dataloader_pin_memory=device.type == "cuda", bf16=False, seed=0)
+        trainer = trainer_cls(model=policy, args=args, train_dataset=RowDataset(rows), data_collator=counting_collate,
+                              loss_name="dadpo" if config == "ours" else "ddpo", beta1=beta1,
+                              beta2=beta2 if config == "ours" else 0.0, callbacks=[FiniteGradients(), Clock()])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        tokens = seen
+    measured = times[1:]
+    per_1k = [1000 * t / n for t, n in zip(measured, tokens[1:len(times)])]
+    return {"config": config, "device": device.type, "steps": len(measured), "tokens": sum(tokens[1:len(times)]),
+            "seconds": sum(measured), "s_per_step": sum(measured) / len(measured),
+            "s_per_1k_tokens": min(per_1k), "peak_mib": peak_mib(device)}
+
+
+def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
+    """Step times only, one process, configs taking turns on the same batch every round.
+
+    On a shared machine other jobs' load drifts over minutes; alternating single steps exposes
+    every config to the same drift. `ours`/`live` run the Trainer's own step (`training_step`,
+    gradient clipping, the finite-gradient check, its fused AdamW), not a re-implementation.
+    """
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from dadpo_offline.train.data import PairCollator, RowDataset, load_pairs
+    from dadpo_offline.train.dpo import DadpoTrainer, FiniteGradients
+    from dadpo_offline.train.logps import sequence_logps
+    from dadpo_offline.train.runs import load_causal_lm
+
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = load_pairs(cache_dir, limit=pairs)
+    reference, teacher = cached_models(cache_dir)
+    policy, tokenizer, _ = load_causal_lm(reference)
+    policy.to(device).train()
+    ref_model, te_model = (load_causal_lm(m)[0].to(device).eval().requires_grad_(False) for m in (reference, teacher))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = {k: v.to(device) for k, v in PairCollator(pad)([{**r, "index": i} for i, r in enumerate(rows)]).items()}
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=pairs, learning_rate=1e-6,
+                             report_to="none", remove_unused_columns=False, disable_tqdm=True,
+                             dataloader_pin_memory=device.type == "cuda")
+    trainer = DadpoTrainer(model=policy, args=args, train_dataset=RowDataset(rows), data_collator=PairCollator(pad),
+                           loss_name="dadpo", beta1=0.1, beta2=0.01)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer loop, which this bypasses
+    adamw = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    check = FiniteGradients()
+
+    def hand_step(anchors_live: bool):
+        logps = plain_seq_logps(policy, batch)
+        if anchors_live:
+            with torch.no_grad():
+                ref, te = (plain_seq_logps(m, batch).double().chunk(2) for m in (ref_model, te_model))
+        else:
+            ref = (batch["ref_chosen_logp"], batch["ref_rejected_logp"])
+            te = (batch["teacher_chosen_logp"], batch["teacher_rejected_logp"])
+        c, r = logps.double().chunk(2)
+        z = 0.1 * ((c - ref[0]) - (r - ref[1])) + 0.01 * ((c - te[0]) - (r - te[1]))
+        (-F.logsigmoid(z)).mean().backward()
+        adamw.step()
+        adamw.zero_grad(set_to_none=True)
+
+    def trainer_step(live: bool):
+        inputs = batch
+        if live:  # TRL-style: the reference scored every step by a resident copy
+            with torch.no_grad():
+                ref = sequence_logps(ref_model, batch).double().chunk(2)
+            inputs = {**batch, "ref_chosen_logp": ref[0], "ref_rejected_logp": ref[1]}
+        trainer.training_step(policy, inputs)
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        check.on_pre_optimizer_step(args, TrainerState(), TrainerControl(), model=policy)
+        trainer.optimizer.step()
+        policy.zero_grad(set_to_none=True)
+
+    steps = {"bare": lambda: hand_step(False), "ours": lambda: trainer_step(False),
+             "naive": lambda: hand_step(True), "live": lambda: trainer_step(True)}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for round_ in range(rounds + 1):  # round 0 warms up every path
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()} | {"tokens": int(batch["attention_mask"].sum()),
+                                                                        "rounds": rounds, "device": device.type}
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache_dir", nargs="?", default=str(ROOT / "runs" / "demo" / "cache"))
+    parser.add_argument("--pairs", type=int, default=2, help="pairs per step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset to run")
+    parser.add_argument("--interleave", type=int, metavar="ROUNDS",
+                        help="time only: one process, configs alternate single steps for ROUNDS rounds (median)")
+    parser.add_argument("--rounds", type=int, default=2, help="repeat every config; report the minimum of each figure")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.cache_dir, args.pairs, args.steps)))
+        return
+    if args.interleave:
+        t = run_interleaved(args.cache_dir, args.pairs, args.interleave)
+        print(f"interleaved step times, median of {t['rounds']} rounds, {args.pairs} pairs = {t['tokens']} tokens, "
+              f"{t['device']}:")
+        for name in ("bare", "ours", "naive", "live"):
+            print(f"  {name:<6} {t[name]:.3f} s")
+        print(f"(a) ours / bare time        {t['ours'] / t['bare']:.3f}  (target <= 1.05)")
+        print(f"(c) ours / live-ref time    {t['ours'] / t['live']:.3f}")
+        print(f"    naive / bare time       {t['naive'] / t['bare']:.3f}")
+        return
+    results: dict[str, dict] = {}
+    for round_ in range(args.rounds):  # rounds interleave the configs, so load drift hits them all
+        for config in args.configs.split(","):
+            print(f"round {round_ + 1}: running {config} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run([sys.executable, __file__, args.cache_dir, "--pairs", str(args.pairs), "--steps",
+                                   str(args.steps), "--child", config], capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                sys.stderr.write(proc.stderr[-3000:])
+                raise SystemExit(f"{config} failed")
+            new = json.loads(proc.stdout.strip().splitlines()[-1])
+            old = results.get(config)
+            results[config] = new if old is None else {**new, **{k: min(old[k], new[k]) for k in
+                                                                ("s_per_step", "s_per_1k_tokens", "peak_mib")}}
+    print(f"{'config':<7} {'s/step':>8} {'s/1k tok':>9} {'peak MiB':>9}  ({args.pairs} pairs/step, {args.steps} timed steps, "
+          f"{next(iter(results.values()))['device']})")
+    for r in results.values():
+        print(f"{r['config']:<7} {r['s_per_step']:>8.3f} {r['s_per_1k_tokens']:>9.3f} {r['peak_mib']:>9.0f}")
+    ratio = lambda a, b, key: results[a][key] / results[b][key] if a in results and b in results else float("nan")
+    print(f"(a) ours / bare time        {ratio('ours', 'bare', 's_per_1k_tokens'):.3f}  (target <= 1.05)")
+    print(f"(b) ours / naive memory     {ratio('ours', 'naive', 'peak_mib'):.3f}")
+    print(f"    ours / policy memory    {ratio('ours', 'policy', 'peak_mib'):.3f}  (target <= 1.05: what the cache adds)")
+    print(f"    ours / bare memory      {ratio('ours', 'bare', 'peak_mib'):.3f}  (Trainer + cache vs hand loop)")
+    print(f"    ours / policy time      {ratio('ours', 'policy', 's_per_1k_tokens'):.3f}")
+    print(f"(c) ours / live-ref time    {ratio('ours', 'live', 's_per_1k_tokens'):.3f}")
+    print(f"    naive / bare time       {ratio('naive', 'bare', 's_per_1k_tokens'):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""`dadpo-offline train`: exit codes, stdout summary, outputs; the dSFT model loads in transformers and vLLM."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import build_tiny_student
+from dadpo_offline.cli import main
+
+QUIET = ["--set", "train.report_to=[]"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tiny_cache, tmp_path_factory):
+    """`train --stage sft`: two steps of dSFT on the teacher's responses (other tokenizer → re-templated)."""
+    out = tmp_path_factory.mktemp("sft_out")
+    result = invoke("train", tiny_cache, "--stage", "sft", "--max-steps", 2, "--output-dir", out, *QUIET)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["stage"] == "sft" and summary["steps"] == 2
+    return out / "sft"
+
+
+def test_train_help_shows_an_example():
+    result = invoke("train", "-h")
+    assert result.exit_code == 0
+    assert "dadpo-offline train manifests/demo.yaml --stage sft" in result.output
+    assert "--beta2" in result.output
+
+
+def test_train_rejects_an_unknown_loss_at_parse_time(tiny_cache):
+    result = invoke("train", tiny_cache, "--loss", "ipo")
+    assert result.exit_code == 2
+    assert "'ipo' is not one of 'dadpo', 'ddpo', 'rdpo'" in result.output
+
+
+def test_train_reports_every_bad_setting_at_once(tiny_cache):
+    result = invoke("train", tiny_cache, "--beta1", -1, "--set", "train.micro_batch_size=0")
+    assert result.exit_code == 1
+    assert "train.micro_batch_size must be >= 1, got 0" in result.output
+    assert "train.beta1 must be >= 0, got -1.0" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_dadpo_writes_model_metrics_and_tensorboard(tiny_cache, tmp_path):
+    result = invoke("train", tiny_cache, "--loss", "ddpo", "--beta1", 0.5, "--max-steps", 1, "--output-dir", tmp_path,
+                    "--set", "train.micro_batch_size=2", "--set", "train.batch_size=2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip())  # stdout holds only the summary line
+    assert summary["stage"] == "ddpo" and summary["steps"] == 1 and summary["resumed_from"] is None
+    # dDPO at step 0: policy = reference, so z = 0 and the loss is exactly log 2
+    assert summary["train_loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert "step-0 check over 16 sequences" in result.stderr
+    out = tmp_path / "ddpo"
+    assert (out / "model.safetensors").is_file() and (out / "manifest.yaml").is_file()
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_train_stops_when_the_policy_is_not_the_cached_reference(tiny_cache, smollm2_dir, tmp_path):
+    wrong = build_tiny_student(tmp_path / "other", smollm2_dir, seed=2)
+    result = invoke("train", tiny_cache, "--output-dir", tmp_path, "--set", f"train.init_model={wrong}", *QUIET)
+    assert result.exit_code == 1
+    assert "Error: step-0 check" in result.output and "dadpo-offline precompute MANIFEST --stage score" in result.output
+
+
+def test_sft_output_is_a_model_directory_with_card_and_template(sft_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(sft_dir)
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    assert model.config.vocab_size == len(tok)
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    card = (sft_dir / "README.md").read_text()
+    assert "examples: 12" in card and "sft_learning_rate" in card
+    assert (sft_dir / "manifest.yaml").is_file()
+
+
+def test_sft_output_loads_with_vllm(sft_dir):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(sft_dir), dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True, seed=0,
+              max_model_len=256)
+    try:
+        out = llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 3
+    finally:
+        del llm

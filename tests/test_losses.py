@@ -1,0 +1,101 @@
+"""The preference losses against their closed forms, worked by hand where the numbers are small."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dadpo_offline.train.losses import LOSSES, dadpo, effective_betas, mixed_reference
+
+# policy, reference, teacher log-probs of chosen (w) and rejected (l) for one pair
+ONE = dict(policy_chosen=torch.tensor([-10.0]), policy_rejected=torch.tensor([-12.0]),
+           ref_chosen=torch.tensor([-11.0]), ref_rejected=torch.tensor([-11.0]),
+           teacher_chosen=torch.tensor([-5.0]), teacher_rejected=torch.tensor([-20.0]))
+
+
+def random_logps(n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: -torch.rand(n, generator=g, dtype=torch.float64) * 100 for k in ONE}
+
+
+def test_dadpo_loss_equals_hand_worked_closed_form():
+    """ref margin     = (−10 − −11) − (−12 − −11) = 1 − (−1) = 2
+    teacher margin = (−10 − −5) − (−12 − −20) = −5 − 8 = −13
+    z = 0.1·2 + 0.01·(−13) = 0.07;  loss = −log σ(0.07) = log(1 + e^−0.07) = 0.65876
+    rewards: chosen 0.1·1 + 0.01·(−5) = 0.05, rejected 0.1·(−1) + 0.01·8 = −0.02, margin 0.07 = z."""
+    out = dadpo(**ONE, beta1=0.1, beta2=0.01)
+    assert out.ref_margin.item() == pytest.approx(2.0)
+    assert out.teacher_margin.item() == pytest.approx(-13.0)
+    assert out.z.item() == pytest.approx(0.07)
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(-0.07)))
+    assert out.losses.item() == pytest.approx(0.65876, abs=1e-5)
+    assert out.rewards_chosen.item() == pytest.approx(0.05)
+    assert out.rewards_rejected.item() == pytest.approx(-0.02)
+    assert (out.rewards_chosen - out.rewards_rejected).item() == pytest.approx(out.z.item())
+
+
+def test_starting_loss_is_above_log2_when_the_teacher_prefers_chosen_more_than_the_reference():
+    """Policy = reference: the ref margin is 0 and z = β2·[(ref_w − te_w) − (ref_l − te_l)]
+    = 0.01·[(−11 + 5) − (−11 + 20)] = 0.01·(−15) = −0.15, so loss = log(1 + e^0.15) = 0.77096 > log 2."""
+    start = dict(ONE, policy_chosen=ONE["ref_chosen"], policy_rejected=ONE["ref_rejected"])
+    out = dadpo(**start, beta1=0.1, beta2=0.01)
+    assert out.ref_margin.item() == 0.0
+    assert out.z.item() == pytest.approx(-0.15)
+    assert out.losses.item() == pytest.approx(0.77096, abs=1e-5)
+    assert out.losses.item() > math.log(2)
+
+
+def test_beta2_zero_is_standard_sigmoid_dpo():
+    """dDPO (and daDPO with β2 = 0) = −log σ(β·[(π_w − ref_w) − (π_l − ref_l)]), the teacher ignored."""
+    x = random_logps()
+    beta = 0.3
+    standard = -F.logsigmoid(beta * ((x["policy_chosen"] - x["ref_chosen"]) - (x["policy_rejected"] - x["ref_rejected"])))
+    torch.testing.assert_close(dadpo(**x, beta1=beta, beta2=0.0).losses, standard)
+    torch.testing.assert_close(LOSSES["ddpo"](**x, beta1=beta, beta2=5.0).losses, standard)
+
+
+def test_rdpo_is_dpo_against_the_teacher():
+    x = random_logps(seed=1)
+    beta = 0.05
+    expected = -F.logsigmoid(beta * ((x["policy_chosen"] - x["teacher_chosen"])
+                                     - (x["policy_rejected"] - x["teacher_rejected"])))
+    torch.testing.assert_close(LOSSES["rdpo"](**x, beta1=9.0, beta2=beta).losses, expected)
+
+
+def test_dadpo_equals_dpo_against_the_mixed_reference():
+    """daDPO(β1, β2) = DPO with β = β1 + β2 against m = (β1·ref + β2·te)/(β1 + β2), per sequence."""
+    x = random_logps(seed=2)
+    b1, b2 = 0.1, 0.01
+    m_w = mixed_reference(x["ref_chosen"], x["teacher_chosen"], b1, b2)
+    m_l = mixed_reference(x["ref_rejected"], x["teacher_rejected"], b1, b2)
+    dpo = -F.logsigmoid((b1 + b2) * ((x["policy_chosen"] - m_w) - (x["policy_rejected"] - m_l)))
+    torch.testing.assert_close(dadpo(**x, beta1=b1, beta2=b2).losses, dpo)
+
+
+def test_gradient_weight_is_sigmoid_of_teacher_gap_minus_policy_margin():
+    """With h_θ = (π_w − ref_w) − (π_l − ref_l) and δ_te = (te_w − ref_w) − (te_l − ref_l),
+    z = (β1+β2)·h_θ − β2·δ_te, so ∂loss/∂π_w = −(β1+β2)·σ(β2·δ_te − (β1+β2)·h_θ) = −∂loss/∂π_l."""
+    x = random_logps(n=5, seed=3)
+    b1, b2 = 0.1, 0.05
+    pw = x["policy_chosen"].clone().requires_grad_(True)
+    pl = x["policy_rejected"].clone().requires_grad_(True)
+    dadpo(**dict(x, policy_chosen=pw, policy_rejected=pl), beta1=b1, beta2=b2).losses.sum().backward()
+    h = (x["policy_chosen"] - x["ref_chosen"]) - (x["policy_rejected"] - x["ref_rejected"])
+    delta_te = (x["teacher_chosen"] - x["ref_chosen"]) - (x["teacher_rejected"] - x["ref_rejected"])
+    weight = torch.sigmoid(b2 * delta_te - (b1 + b2) * h)
+    torch.testing.assert_close(pw.grad, -(b1 + b2) * weight)
+    torch.testing.assert_close(pl.grad, (b1 + b2) * weight)
+
+
+def test_registry_names_and_effective_betas():
+    assert set(LOSSES) == {"dadpo", "ddpo", "rdpo"}
+    assert effective_betas("ddpo", 0.1, 0.01) == (0.1, 0.0)
+    assert effective_betas("rdpo", 0.1, 0.01) == (0.0, 0.01)
+    assert LOSSES["rdpo"](**ONE, beta1=0.1, beta2=0.01).beta1 == 0.0
+
+
+def test_float32_inputs_are_computed_in_float64():
+    """Sums of hundreds of token log-probs differ in the 5th digit; the margin must keep them."""
+    big = {k: torch.tensor([v.item() - 1000.0], dtype=torch.float32) for k, v in ONE.items()}
+    assert dadpo(**big, beta1=0.1, beta2=0.01).z.dtype == torch.float64
+    assert dadpo(**big, beta1=0.1, beta2=0.01).z.item() == pytest.approx(0.07, abs=1e-9)
