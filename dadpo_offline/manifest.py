@@ -212,6 +212,11 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         return _build(hint, value, key + ".", problems)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         problems.append(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -89,3 +89,20 @@ def test_sft_output_loads_with_vllm(sft_dir):
         assert len(out[0].outputs[0].token_ids) == 3
     finally:
         del llm
+
+
+def test_train_under_accelerate_launch_with_two_processes(tiny_cache, tmp_path):
+    """Real multi-process DDP (gloo on the CPU): both ranks train to the end, rank 0 alone prints the summary."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dadpo_offline",
+               "train", str(tiny_cache), "--max-steps", "2", "--output-dir", str(tmp_path), "--set",
+               "train.batch_size=4", "--set", "train.micro_batch_size=2", *QUIET]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2
+    assert (tmp_path / "dadpo" / "model.safetensors").is_file()

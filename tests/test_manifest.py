@@ -67,3 +67,13 @@ def test_resolved_manifest_round_trips(tmp_path):
     assert text.startswith("# resolved manifest")
     assert load_manifest(tmp_path / "resolved.yaml") == m
     assert yaml.safe_load(text)["train"]["beta1"] == 0.5
+
+
+def test_manifest_reads_exponent_floats_without_a_dot(tmp_path):
+    """PyYAML follows YAML 1.1, where `5e-7` is a string; learning rates are written that way."""
+    path = tmp_path / "m.yaml"
+    path.write_text("train: {learning_rate: 5e-7}\n")
+    m = load_manifest(path, ["train.beta2=1e-3"])
+    assert m.train.learning_rate == 5e-7 and m.train.beta2 == 0.001
+    with pytest.raises(ManifestError, match="train.beta1: expected float, got str 'high'"):
+        load_manifest(path, ["train.beta1=high"])
