@@ -91,7 +91,7 @@ def precompute(manifest, overrides, stage, shard_spec, force):
 @click.option("--dry-run", is_flag=True, help="Validate the manifest and print the plan; load no model.")
 @domain_errors
 def run(manifest, overrides, dry_run):
-    """Run the whole pipeline for a manifest (default: manifests/demo.yaml).
+    """Run the pipeline for a manifest (default: manifests/demo.yaml); today phase one only.
 
     \b
     Example:

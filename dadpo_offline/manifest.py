@@ -37,7 +37,7 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class PromptSource:
     builtin: Optional[Literal["train", "heldout", "all"]] = None  # the project's own prompt set
-    jsonl: Optional[str] = None  # local file: {"prompt": str} or {"messages": [...]} per line
+    jsonl: Optional[str] = None  # local file ({"prompt": str} or {"messages": [...]} per line), relative to the manifest
     hub: Optional[str] = None  # hub data set id (ShareGPT / UltraChat style), loaded when online
     config: Optional[str] = None  # hub data set config name
     split: str = "train"  # hub split
@@ -154,7 +154,9 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
     train = manifest.train
     if train.output_dir is not None:
         train = dataclasses.replace(train, output_dir=absolute(train.output_dir))
-    return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train)
+    sources = [dataclasses.replace(s, jsonl=absolute(s.jsonl)) if s.jsonl else s for s in manifest.prompts.sources]
+    return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train,
+                               prompts=dataclasses.replace(manifest.prompts, sources=sources))
 
 
 def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
@@ -170,7 +172,10 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
         if not isinstance(node, dict):
             problems.append(f"override {key}: {part} is not a section")
             return
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        problems.append(f"override {key}: value {value!r} is not valid YAML")
 
 
 def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
@@ -246,7 +251,7 @@ def manifest_dict(manifest: Manifest) -> dict:
 def write_resolved(manifest: Manifest, path: Path) -> None:
     """Save the fully resolved manifest beside an output, so every result says how it was made."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# resolved manifest written by dadpo-offline; rerun with: dadpo-offline run THIS_FILE\n"
+    header = "# resolved manifest written by dadpo-offline: every default and override applied\n"
     temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     temp.write_text(header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False), encoding="utf-8")
     os.replace(temp, path)  # concurrent --shard jobs may write it at the same moment

@@ -154,3 +154,21 @@ def test_index_that_is_not_duckdb_is_reported(tmp_path):
     (tmp_path / "index.duckdb").write_bytes(b"not a database at all" * 100)
     with pytest.raises(CacheError, match="index"):
         open_cache(tmp_path)
+
+
+def test_ready_fingerprint_refuses_incomplete_and_stale_stages(cache_with_generations):
+    cache, fp = cache_with_generations
+    assert cache.ready_fingerprint("generate-student", "generate") == fp
+    with pytest.raises(CacheError, match="has no pairs stage yet — run: dadpo-offline precompute MANIFEST --stage score"):
+        cache.ready_fingerprint("pairs", "score")
+    cache.begin_stage("score-reference", "s1", {"generate-student": fp}, 2)
+    with pytest.raises(CacheError, match=r"2 of 2 score-reference shards are missing .* every job"):
+        cache.ready_fingerprint("score-reference", "score")
+    for k in range(2):
+        path = shard_path(cache.stage_dir("score-reference", "s1"), k)
+        cache.register("score-reference", "s1", k, write_shard(generations(1), path, {"stage": "score-reference",
+                                                                                     "fingerprint": "s1", "shard": k}))
+    assert cache.ready_fingerprint("score-reference", "score") == "s1"
+    cache.begin_stage("generate-student", "newer", {}, 2)  # new generations: the scores no longer match them
+    with pytest.raises(CacheError, match="built from older generate-student shards"):
+        cache.ready_fingerprint("score-reference", "score")

@@ -33,6 +33,8 @@ def test_sql_parquet_output_and_parameters(small_cache, tmp_path):
     assert result.exit_code == 0
     assert pq.read_table(out).column("category").to_pylist() == ["writing", "writing"]
     assert invoke("sql", small_cache, "SELECT 1", "-f", "parquet").exit_code == 1
+    bad = invoke("sql", small_cache, "SELECT 1", "-f", "csv", "-o", tmp_path / "no" / "such" / "x.csv")
+    assert bad.exit_code == 1 and bad.output.startswith("Error: cannot write")
 
 
 def test_sql_refuses_writes_and_reports_sql_errors(small_cache):

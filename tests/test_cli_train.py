@@ -106,3 +106,15 @@ def test_train_under_accelerate_launch_with_two_processes(tiny_cache, tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2
     assert (tmp_path / "dadpo" / "model.safetensors").is_file()
+
+
+def test_train_refuses_to_resume_a_run_made_with_other_settings(tiny_cache, tmp_path):
+    """A sweep into one folder must not 'resume' the finished first run under the second run's betas."""
+    common = ["train", tiny_cache, "--max-steps", 1, "--output-dir", tmp_path, "--set", "train.batch_size=2",
+              "--set", "train.micro_batch_size=2", *QUIET]
+    assert invoke(*common, "--beta1", 0.1).exit_code == 0
+    refused = invoke(*common, "--beta1", 1.0)
+    assert refused.exit_code == 1
+    assert "holds checkpoints of a run with other beta1" in refused.output and "--no-resume" in refused.output
+    assert invoke(*common, "--beta1", 1.0, "--no-resume").exit_code == 0
+    assert json.loads((tmp_path / "dadpo" / "run.json").read_text())["beta1"] == 1.0

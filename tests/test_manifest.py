@@ -77,3 +77,16 @@ def test_manifest_reads_exponent_floats_without_a_dot(tmp_path):
     assert m.train.learning_rate == 5e-7 and m.train.beta2 == 0.001
     with pytest.raises(ManifestError, match="train.beta1: expected float, got str 'high'"):
         load_manifest(path, ["train.beta1=high"])
+
+
+def test_manifest_prompt_files_resolve_against_the_manifest_folder(tmp_path):
+    (tmp_path / "runs").mkdir()
+    path = tmp_path / "runs" / "m.yaml"
+    path.write_text("prompts: {sources: [{jsonl: data/p.jsonl}, {builtin: heldout}]}\n")
+    sources = load_manifest(path).prompts.sources
+    assert sources[0].jsonl == str(tmp_path / "runs" / "data" / "p.jsonl") and sources[1].builtin == "heldout"
+
+
+def test_manifest_override_that_is_not_yaml_is_one_problem():
+    with pytest.raises(ManifestError, match=r"override name: value '\[' is not valid YAML"):
+        load_manifest(None, ["name=["])

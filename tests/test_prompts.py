@@ -70,6 +70,8 @@ def test_hub_rows_sharegpt_and_ultrachat_become_prompts_without_final_answer():
     assert hub_conversation(ultrachat, "row") == [{"role": "user", "content": "Q?"}]
     with pytest.raises(InputError, match="row: no 'messages', 'conversations' or 'prompt' field"):
         hub_conversation({"text": "x"}, "row")
+    with pytest.raises(InputError, match="row: every entry of 'messages' must be an object"):
+        hub_conversation({"messages": ["just a string"]}, "row")
 
 
 def test_hub_source_offline_fails_with_clear_error():

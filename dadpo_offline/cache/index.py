@@ -130,10 +130,30 @@ class CacheIndex:
             con.execute("DELETE FROM shards WHERE stage = ? AND fingerprint = ? AND shard = ?", [stage, fingerprint, shard])
             self._write_views(con)
 
-    def active_fingerprint(self, stage: str) -> str | None:
+    def ready_fingerprint(self, stage: str, producer: str) -> str:
+        """The active fingerprint of `stage`, once all its shards exist and its inputs are still the active ones.
+
+        Readers (training) call this so that they never train on a quarter of the data while other
+        --shard jobs run, nor on pairs built from generations that a newer run has replaced.
+        """
+        command = f"run: dadpo-offline precompute MANIFEST --stage {producer}"
         with self.connect(read_only=True) as con:
-            row = con.execute("SELECT fingerprint FROM stages WHERE stage = ? AND active", [stage]).fetchone()
-        return row[0] if row else None
+            row = con.execute("""
+                SELECT t.fingerprint, t.settings, t.n_shards, count(s.shard) FROM stages t
+                LEFT JOIN shards s USING (stage, fingerprint) WHERE t.stage = ? AND t.active GROUP BY ALL""",
+                              [stage]).fetchone()
+            active = dict(con.execute("SELECT stage, fingerprint FROM stages WHERE active").fetchall())
+        if row is None:
+            raise CacheError(f"{self.root} has no {stage} stage yet — {command}")
+        fingerprint, settings, expected, done = row
+        if done < expected:
+            raise CacheError(f"{expected - done} of {expected} {stage} shards are missing — {command} "
+                             "(with --shard I/N: every job)")
+        stale = sorted(name for name, value in json.loads(settings).items()
+                       if name in STAGES and isinstance(value, str) and active.get(name) != value)
+        if stale:
+            raise CacheError(f"the active {stage} shards were built from older {', '.join(stale)} shards — {command}")
+        return fingerprint
 
     # -- views ----------------------------------------------------------------------------------
 

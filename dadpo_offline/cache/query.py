@@ -58,12 +58,15 @@ def format_table(table: pa.Table) -> str:
 
 def write_rows(table: pa.Table, fmt: str, output: str | None) -> None:
     """table | csv | json | jsonl to stdout or a file; parquet to a file only."""
-    if fmt == "parquet":
-        if not output:
-            raise DadpoError("--format parquet needs --output FILE")
-        pq.write_table(table, output, compression="zstd")
-        return
-    handle = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    if fmt == "parquet" and not output:
+        raise DadpoError("--format parquet needs --output FILE")
+    try:
+        if fmt == "parquet":
+            pq.write_table(table, output, compression="zstd")
+            return
+        handle = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    except OSError as exc:
+        raise DadpoError(f"cannot write {output}: {exc.strerror or exc}") from exc
     try:
         rows = table.to_pylist()
         if fmt == "table":

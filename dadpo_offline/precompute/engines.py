@@ -103,7 +103,9 @@ class VllmEngine:
             ids = list(choice.token_ids)
             finished = choice.finish_reason == "stop"
             if finished and (not ids or ids[-1] != self.end_of_turn_id):
-                ids.append(self.end_of_turn_id)  # stopped on another eos id: close the turn our way
+                # stopped on another eos id (e.g. <|endoftext|> where <|im_end|> ends a turn): every
+                # finished response ends with the one end-of-turn token, as the other scorer sees it
+                ids = ids[:-1] + [self.end_of_turn_id] if ids else [self.end_of_turn_id]
             completions.append(Completion(ids, finished))
         return completions
 
@@ -120,6 +122,8 @@ class VllmEngine:
 
         del self.llm
         gc.collect()
+        if torch.cuda.is_available():  # the next model (teacher after student) needs that memory
+            torch.cuda.empty_cache()
         torch.set_num_threads = self._set_num_threads
 
 

@@ -114,6 +114,9 @@ def builtin_prompts(split: str) -> list[Prompt]:
 
 def hub_conversation(row: dict, where: str) -> list[dict]:
     """UltraChat (`messages`), ShareGPT (`conversations` of from/value) or plain `prompt` rows."""
+    for column in ("messages", "conversations"):
+        if isinstance(row.get(column), list) and not all(isinstance(m, dict) for m in row[column]):
+            raise InputError(f"{where}: every entry of '{column}' must be an object")
     if "messages" in row and isinstance(row["messages"], list):
         turns = [{"role": m.get("role"), "content": m.get("content")} for m in row["messages"]]
     elif "conversations" in row and isinstance(row["conversations"], list):

@@ -23,7 +23,7 @@ from ..manifest import Manifest, manifest_dict, write_resolved
 from ..models import ResolvedModel, resolve_model
 from .chat import ChatFormat, load_chat_format
 from .engines import engine_identity, open_engine, pick_backend, resolve_dtype
-from .prompts import Prompt, collect_prompts
+from .prompts import collect_prompts
 from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard
 
 STAGE_CHOICES = ("all", "prompts", "generate", "score")
@@ -96,13 +96,16 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     backend = pick_backend(manifest.engine.backend)
     roles = {name: _role(name, getattr(manifest, name) if name != "reference" else manifest.reference_model)
              for name in ("student", "teacher", "reference")}
-    fitted, lengths = [], []
+    fitted, lengths, seen = [], [], set()
     for prompt in prompts:
         kept, n = fit_prompt(prompt, [roles["student"].fmt, roles["teacher"].fmt],
                              manifest.prompts.max_prompt_tokens, manifest.prompts.long_prompts)
         if kept is None:
             counts["too_long"] += 1
+        elif kept.prompt_id in seen:  # truncation can shorten a conversation into another prompt
+            counts["duplicates"] += 1
         else:
+            seen.add(kept.prompt_id)
             fitted.append(kept)
             lengths.append(n)
     if not fitted:
@@ -199,13 +202,13 @@ def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
 
 def _intact_shards(cache: CacheIndex, stage: str, fp: str, todo: list[int], force: bool) -> set[int]:
     """Shards that need no work: registered and intact, or complete on disk but not yet registered."""
+    if force:
+        return set()
     registered = cache.registered(stage, fp)
     done = set()
     for k in todo:
         path = shard_path(cache.stage_dir(stage, fp), k)
         entry = registered.get(k)
-        if force:
-            continue
         if entry is not None:
             problem = shard_problem(entry.path, entry.bytes, entry.sha256, stage, fp)
             if problem is None:

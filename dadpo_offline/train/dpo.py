@@ -24,7 +24,9 @@ from .check import step0_check
 from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
 from .losses import LOSSES, effective_betas
-from .runs import check_config, last_checkpoint, load_causal_lm, save_final, settings_dict, stage_dir, training_arguments
+from ..cache.index import open_cache
+from .runs import (check_config, load_causal_lm, resume_checkpoint, run_identity, save_final, settings_dict, stage_dir,
+                   training_arguments)
 
 METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/chosen", "rewards/rejected",
            "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
@@ -148,7 +150,8 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
     check = Step0Check(trainer, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init, quiet)
     trainer.add_callback(check)
-    resume_from = last_checkpoint(output, t.resume)
+    data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
+    resume_from = resume_checkpoint(output, t.resume, run_identity(t.loss, data, init, t))
     result = trainer.train(resume_from_checkpoint=resume_from)
     report = check.report
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]

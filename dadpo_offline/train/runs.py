@@ -86,12 +86,36 @@ def load_causal_lm(reference: str, revision: str | None = None):
     return lm, tokenizer, model
 
 
-def last_checkpoint(output: Path, resume: bool) -> str | None:
+# Settings that do not change what a finished run computes: a resumed run may differ in them.
+RESUME_NEUTRAL = {"resume", "max_steps", "output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to",
+                  "step0_pairs", "step0_max_token_gap"}
+
+
+def run_identity(stage: str, data_fingerprint: str, start_model: str, t: TrainConfig, ignore: tuple = ()) -> dict:
+    """What a checkpoint's run was made from: stage, cache data, starting model, training settings."""
+    settings = {k: v for k, v in settings_dict(t).items() if k not in RESUME_NEUTRAL and not k.startswith(ignore)}
+    return {"stage": stage, "data": data_fingerprint, "start_model": start_model, **settings}
+
+
+def resume_checkpoint(output: Path, resume: bool, identity: dict) -> str | None:
+    """The newest checkpoint to continue from, refused when it belongs to a run with other settings.
+
+    Without this, a sweep (--beta1 0.1, then --beta1 1.0) into one folder would "resume" the
+    finished first run, do no step, and save its weights under the second run's settings.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
-    if not resume or not output.is_dir():
-        return None
-    return get_last_checkpoint(str(output))
+    record = output / "run.json"
+    checkpoint = get_last_checkpoint(str(output)) if resume and output.is_dir() else None
+    if checkpoint is not None and record.is_file():
+        before = json.loads(record.read_text(encoding="utf-8"))
+        changed = sorted(k for k in before.keys() | identity.keys() if before.get(k) != identity.get(k))
+        if changed:
+            raise TrainError(f"{output} holds checkpoints of a run with other {', '.join(changed)}; resuming would "
+                             "continue that run — give another --output-dir, or --no-resume to start over")
+    output.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(identity, indent=1, sort_keys=True), encoding="utf-8")
+    return checkpoint
 
 
 def save_final(trainer, tokenizer, manifest: Manifest, output: Path, card: dict) -> None:

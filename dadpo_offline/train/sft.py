@@ -16,7 +16,9 @@ from ..manifest import Manifest
 from ..precompute.chat import load_chat_format
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
-from .runs import check_config, last_checkpoint, load_causal_lm, save_final, settings_dict, stage_dir, training_arguments
+from ..cache.index import open_cache
+from .runs import (check_config, load_causal_lm, resume_checkpoint, run_identity, save_final, settings_dict, stage_dir,
+                   training_arguments)
 
 
 def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
@@ -32,7 +34,9 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
                       processing_class=tokenizer,
                       callbacks=[FiniteGradients()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
-    resume_from = last_checkpoint(output, t.resume)
+    data = open_cache(manifest.cache_dir).ready_fingerprint("generate-teacher", "generate")
+    identity = run_identity("sft", data, manifest.student.model, t, ignore=("beta", "loss", "step0", "init_model"))
+    resume_from = resume_checkpoint(output, t.resume, identity)
     result = trainer.train(resume_from_checkpoint=resume_from)
     tokens = sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)
     history = [h for h in trainer.state.log_history if "loss" in h]
