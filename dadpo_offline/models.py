@@ -36,6 +36,11 @@ class ResolvedModel:
     revision: str  # weights hash (local) or hub revision, part of every fingerprint
     on_hub: bool = False  # path is a hub id: loaders fetch `revision`
 
+    @property
+    def load_revision(self) -> str | None:
+        """What loaders pass as `revision=`: the hub revision, or None for local weights."""
+        return self.revision if self.on_hub else None
+
 
 def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
     """Turn a manifest model reference into a loadable path; raise ModelError naming the reference."""

@@ -31,6 +31,16 @@ class ChatFormat:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ids + [self.end_of_turn_id] if finished else ids
 
+    def sequence(self, generation: dict, messages: list[dict], generator_identity: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids) of a cached generation as this model reads it.
+
+        Same tokenizer and template as the generator: the sampled ids, unchanged. Otherwise the
+        same text through this model's own template and tokenizer.
+        """
+        if generator_identity == self.identity:
+            return list(generation["prompt_token_ids"]), list(generation["response_token_ids"])
+        return self.prompt_ids(messages), self.response_ids(generation["text"], finished=not generation["truncated"])
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -39,7 +49,7 @@ def load_chat_format(model: ResolvedModel, end_of_turn: str | None = None) -> Ch
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision if model.on_hub else None)
+        tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.load_revision)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of {model.reference}: {str(exc).splitlines()[0]}") from exc
     if not getattr(tokenizer, "chat_template", None):

@@ -82,7 +82,7 @@ class VllmEngine:
         self._set_num_threads = torch.set_num_threads
         utilisation = config.gpu_memory_utilization or (0.85 if cuda_available() else 0.3)
         try:
-            self.llm = LLM(model=model.path, revision=model.revision if model.on_hub else None, dtype=dtype,
+            self.llm = LLM(model=model.path, revision=model.load_revision, dtype=dtype,
                            gpu_memory_utilization=utilisation, enforce_eager=config.enforce_eager,
                            tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=False,
                            max_num_batched_tokens=config.batch_tokens, seed=0)
@@ -136,7 +136,7 @@ class TransformersEngine:
         self.device = "cuda" if cuda_available() else "cpu"
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                model.path, revision=model.revision if model.on_hub else None, dtype=getattr(torch, dtype)
+                model.path, revision=model.load_revision, dtype=getattr(torch, dtype)
             ).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise ModelError(f"transformers could not load {model.reference}: {str(exc).splitlines()[0]}") from exc

@@ -79,11 +79,7 @@ def score_shard(prompts: list[Prompt], generations: pa.Table, generator_formats:
     messages = {p.prompt_id: p.as_messages() for p in prompts}
     rows, sequences, prompt_lens = [], [], []
     for row in generations.to_pylist():
-        if generator_formats[row["role"]].identity == fmt.identity:
-            prompt_ids, response_ids = row["prompt_token_ids"], row["response_token_ids"]
-        else:
-            prompt_ids = fmt.prompt_ids(messages[row["prompt_id"]])
-            response_ids = fmt.response_ids(row["text"], finished=not row["truncated"])
+        prompt_ids, response_ids = fmt.sequence(row, messages[row["prompt_id"]], generator_formats[row["role"]].identity)
         rows.append(row)
         sequences.append(prompt_ids + response_ids)
         prompt_lens.append(len(prompt_ids))

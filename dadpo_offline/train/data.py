@@ -75,9 +75,8 @@ def check_lengths(ids: list[int], prompt_len: int, n_tokens: int, prompt_id: str
 def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list[dict]:
     """Teacher responses as student token ids: (input_ids, prompt_len) per teacher generation.
 
-    Same tokenizer and template as the teacher: the sampled ids, unchanged. Otherwise the text
-    goes through the student's template exactly as phase one's score stage does, so dSFT sees
-    the same ids that the reference is later scored on.
+    `ChatFormat.sequence` decides, as phase one's score stage does, so dSFT trains on the same
+    ids that the reference is later scored on.
     """
     cache = open_cache(cache_dir)
     cache.ready_fingerprint("generate-teacher", "generate")
@@ -90,12 +89,12 @@ def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list
     if row is None or not rows:
         raise CacheError(f"no teacher generations for split {split} in {cache.root} — "
                          "run: dadpo-offline precompute MANIFEST --stage generate")
-    same_format = json.loads(row[0]).get("chat_format") == student_fmt.identity
+    teacher_format = json.loads(row[0]).get("chat_format")
     examples = []
-    for prompt_id, sample, prompt_ids, response_ids, text, truncated, messages in rows:
-        if not same_format:
-            prompt_ids = student_fmt.prompt_ids(json.loads(messages))
-            response_ids = student_fmt.response_ids(text, finished=not truncated)
+    for prompt_id, sample, prompt_token_ids, response_token_ids, text, truncated, messages in rows:
+        generation = {"prompt_token_ids": prompt_token_ids, "response_token_ids": response_token_ids, "text": text,
+                      "truncated": truncated}
+        prompt_ids, response_ids = student_fmt.sequence(generation, json.loads(messages), teacher_format)
         if not response_ids:
             continue
         examples.append({"prompt_id": prompt_id, "sample": sample, "input_ids": list(prompt_ids) + list(response_ids),

@@ -78,8 +78,8 @@ def load_causal_lm(reference: str, revision: str | None = None):
 
     model = resolve_model(reference, revision)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.revision if model.on_hub else None)
-        lm = AutoModelForCausalLM.from_pretrained(model.path, revision=model.revision if model.on_hub else None,
+        tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.load_revision)
+        lm = AutoModelForCausalLM.from_pretrained(model.path, revision=model.load_revision,
                                                   dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {reference} for training: {str(exc).splitlines()[0]}") from exc
