@@ -88,33 +88,34 @@ def precompute(manifest, overrides, stage, shard_spec, force):
 
 @main.command(context_settings=CONTEXT)
 @manifest_options
-@click.option("--dry-run", is_flag=True, help="Validate the manifest and print the plan; load no model.")
+@click.option("--dry-run", is_flag=True, help="Validate the manifest and print the plan; download and load nothing.")
 @domain_errors
 def run(manifest, overrides, dry_run):
-    """Run the pipeline for a manifest (default: manifests/demo.yaml); today phase one only.
+    """Run the whole pipeline for a manifest (default: manifests/demo.yaml).
+
+    \b
+    prune (if prune.source) → precompute → dSFT → score with the dSFT reference → train.loss and
+    train.compare (same budget) → eval → report. Rerun after an interruption to continue: every
+    step keeps what it finished. Without arguments it runs the embedded demo on the CPU.
 
     \b
     Example:
       dadpo-offline run
-      dadpo-offline run manifests/demo.yaml --dry-run
+      dadpo-offline run manifests/qwen7b_to_qwen1.5b.yaml --dry-run
     """
-    from .manifest import manifest_dict
-    from .precompute.run import format_summary, precompute as run_precompute
-    import yaml
-
     m = load(manifest, overrides)
     if dry_run:
-        click.echo(yaml.safe_dump({"plan": ["precompute: prompts, generate-student, generate-teacher, score-teacher, "
-                                            "score-reference, pairs",
-                                            "train: run separately for now: dadpo-offline train MANIFEST --stage sft|dadpo",
-                                            "eval: not implemented yet"],
-                                   "manifest": manifest_dict(m)}, sort_keys=False))
+        from .plan import format_plan, plan
+
+        click.echo(format_plan(plan(m)))
         return
-    summary = run_precompute(m)
-    click.echo(format_summary(summary))
-    click.echo(f"cache: {m.cache_dir}")
-    click.echo(f"next: dadpo-offline train {manifest or DEFAULT_MANIFEST} --stage dadpo  (run does not chain "
-               f"training yet); inspect: dadpo-offline sql {m.cache_dir} \"SELECT * FROM pairs LIMIT 5\"", err=True)
+    from .pipeline import format_steps, run_pipeline
+
+    steps = run_pipeline(m)
+    click.echo(format_steps(steps))
+    run_dir = Path(m.cache_dir).parent
+    click.echo(f"report: {run_dir / 'report' / 'report.md'}; query: dadpo-offline sql {m.cache_dir} "
+               "\"SELECT model, metric, value FROM eval_results\"", err=True)
 
 
 @main.command(context_settings=CONTEXT)
@@ -159,16 +160,121 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
     summary = {"stage": stage if stage == "sft" else m.train.loss, "output_dir": result["output_dir"],
                "steps": result["steps"], "train_loss": result["train_loss"], "resumed_from": result["resumed_from"]}
     summary.update({k: last[k] for k in ("rewards/margins", "rewards/accuracies") if k in last})
+    if result.get("skipped"):
+        summary["skipped"] = result["skipped"]
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch, one summary line, not one per GPU
         click.echo(json.dumps(summary))
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
+              help="Fraction of decoder layers to remove (the paper's 20%-pruned student).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Folder for the pruned model; must be missing, empty, or an earlier identical prune.")
+@click.option("--calibration-prompts", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Built-in train prompts whose hidden states rank the layers.")
+@click.option("--revision", help="Hub revision of MODEL (default: main).")
+@click.option("--chat-template", type=click.Path(dir_okay=False, exists=True),
+              help="Jinja chat template for a tokenizer without one (e.g. manifests/templates/vicuna_v1.1.jinja).")
+@domain_errors
+def prune(model, ratio, out, calibration_prompts, revision, chat_template):
+    """Make a smaller student by removing the decoder layers that change hidden states least.
+
+    \b
+    MODEL is a hub id, a local folder or embedded:NAME. Each layer is scored by the mean
+    1 - cosine(input, output) of its hidden states on the calibration prompts; the lowest
+    round(ratio x layers) go. OUT gets a plain Hugging Face model folder plus prune.json (the
+    report, also printed); rerunning the same command is a no-op.
+
+    \b
+    Example:
+      dadpo-offline prune Qwen/Qwen2.5-7B-Instruct --ratio 0.2 --out models/qwen7b-pruned20
+      dadpo-offline prune embedded:smollm2-135m-instruct --out runs/demo/student --calibration-prompts 8
+    """
+    import json
+
+    from .prune import prune_model
+
+    click.echo(json.dumps(prune_model(model, ratio, Path(out), calibration_prompts, revision, chat_template)))
+
+
 @main.command(name="eval", context_settings=CONTEXT)
 @manifest_options
+@click.option("--suite", "suites", metavar="LIST",
+              help="Comma-separated suites: mtbench, alpacaeval, winrate, lmeval, likelihood (default: eval.suites).")
+@click.option("--model", "models", multiple=True, metavar="NAME=MODEL",
+              help="Also evaluate this model (hub id, local folder or embedded:NAME) under NAME; repeatable.")
+@click.option("--only", metavar="NAMES", help="Comma-separated model names to evaluate (default: every model).")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Folder receiving this run's results folder (default: eval.output_dir, else <cache_dir>/../eval).")
 @domain_errors
-def eval_command(manifest, overrides):
-    """Evaluate models: MT-Bench, AlpacaEval, lm-eval, win rate vs teacher (not implemented yet)."""
-    raise click.ClickException("eval is not implemented yet")
+def eval_command(manifest, overrides, suites, models, only, output_dir):
+    """Evaluate models: MT-Bench, AlpacaEval, win rate vs teacher, lm-eval alignment tax.
+
+    \b
+    Models: teacher, student, the manifest's reference, every trained output found under
+    train.output_dir (sft, dadpo, ddpo, rdpo), eval.models, and --model flags. Answers and judge
+    calls are cached (rerun to resume; another run reuses them); each run writes
+    <output_dir>/<run id>/ with results.parquet, summary.json and report.md, and prints the report.
+    Judges: any OpenAI-compatible endpoint (eval.judge.base_url / model; key from the variable
+    named by eval.judge.api_key_env). SQL: answers, judgments and eval_results views.
+
+    \b
+    Example:
+      dadpo-offline eval manifests/demo.yaml --suite winrate
+      dadpo-offline eval m.yaml --set eval.judge.base_url=https://api.openai.com/v1 --set eval.judge.model=gpt-4
+      dadpo-offline eval m.yaml --suite lmeval --model base=Qwen/Qwen2.5-1.5B-Instruct --only student,base
+    """
+    from .eval.run import evaluate
+
+    chosen = [s.strip() for s in suites.split(",") if s.strip()] if suites else None
+    known = ("mtbench", "alpacaeval", "winrate", "lmeval", "likelihood")
+    if chosen and any(s not in known for s in chosen):
+        raise click.BadParameter(f"{suites!r}: choose from {', '.join(known)}", param_hint="--suite")
+    extra = {}
+    for item in models:
+        name, sep, ref = item.partition("=")
+        if not sep or not name or not ref:
+            raise click.BadParameter(f"{item!r} is not NAME=MODEL", param_hint="--model")
+        extra[name] = ref
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+    m = load(manifest, overrides)
+    result = evaluate(m, chosen, extra, names, str(Path(output_dir).resolve()) if output_dir else None)
+    click.echo((result.run_dir / "report.md").read_text(encoding="utf-8"), nl=False)
+    click.echo(f"results: {result.run_dir}  ({', '.join(f'{k} {v} s' for k, v in result.seconds.items())}); "
+               f"query: dadpo-offline sql {m.cache_dir} \"SELECT * FROM eval_results WHERE run_id = '{result.run_id}'\"",
+               err=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for the PNGs, report.md and report.html (default: RUN_DIR/report).")
+@click.option("--eval-run", metavar="ID", help="Eval run folder under RUN_DIR/eval to report (default: the newest).")
+@domain_errors
+def report(run_dir, out, eval_run):
+    """Write plots and a Markdown + HTML summary of one pipeline run folder.
+
+    \b
+    Reads what exists: RUN_DIR/cache (teacher margins over pairs), RUN_DIR/train/<stage>
+    (training curves, settings) and RUN_DIR/eval/<run id> (results table, MT-Bench categories);
+    lists what is missing. Prints the path of report.md; report.html is one file with the
+    images inline, fit to mail.
+
+    \b
+    Example:
+      dadpo-offline report runs/demo
+      dadpo-offline report runs/demo --out /tmp/demo-report --eval-run 20250101-120000
+    """
+    from .report import write_report
+
+    result = write_report(Path(run_dir), Path(out) if out else None, eval_run)
+    for path in result["files"]:
+        click.echo(f"wrote {path}", err=True)
+    for line in result["missing"]:
+        click.echo(f"missing: {line}", err=True)
+    click.echo(next(path for path in result["files"] if path.endswith("report.md")))
 
 
 OUTPUT_FORMATS = ["table", "csv", "json", "jsonl", "parquet"]

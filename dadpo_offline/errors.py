@@ -23,3 +23,7 @@ class CacheError(DadpoError):
 
 class TrainError(DadpoError):
     """Training cannot start or must stop: bad settings, a failed step-0 check, a non-finite step."""
+
+
+class JudgeError(DadpoError):
+    """The judge endpoint is unset, unreachable, refuses the request or replies with something unreadable."""

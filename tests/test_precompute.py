@@ -5,12 +5,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
 import torch
 
-from conftest import PROMPTS, SMOLLM2, write_jsonl, write_manifest
+from conftest import PROMPTS, write_jsonl, write_manifest
+from dadpo_offline.errors import ModelError
 from dadpo_offline.cache import open_cache
 from dadpo_offline.manifest import load_manifest
 from dadpo_offline.precompute.run import precompute
@@ -204,3 +206,22 @@ def test_stock_duckdb_client_reads_pairs_from_another_directory(small_cache, tmp
     out = subprocess.run([sys.executable, "-c", code, str(small_cache / "index.duckdb")], cwd=tmp_path,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "(6, True, True)"
+
+
+def test_a_manifest_chat_template_supplies_one_for_tokenizers_without(smollm2_dir, tmp_path):
+    """Vicuna ships no chat template; the project's Jinja file gives its v1.1 format to any tokenizer."""
+    from dadpo_offline.manifest import load_manifest
+    from dadpo_offline.models import resolve_model
+    from dadpo_offline.precompute.chat import load_chat_format
+
+    vicuna = load_manifest(Path(__file__).parent.parent / "manifests" / "vicuna7b_pruned.yaml")
+    template = vicuna.teacher.chat_template
+    assert Path(template).is_file() and vicuna.student.chat_template == template
+    model = resolve_model(smollm2_dir)
+    plain = load_chat_format(model)
+    fmt = load_chat_format(model, chat_template=template)
+    text = fmt.tokenizer.decode(fmt.prompt_ids([{"role": "user", "content": "Hi there"}]))
+    assert text.endswith(" USER: Hi there ASSISTANT:") and "A chat between a curious user" in text
+    assert fmt.identity != plain.identity  # the template is part of every fingerprint
+    with pytest.raises(ModelError, match="chat_template .*missing.jinja"):
+        load_chat_format(model, chat_template=str(tmp_path / "missing.jinja"))

@@ -1,4 +1,5 @@
-"""`index.duckdb`: the shard registry and the views `prompts`, `generations`, `scores`, `pairs`.
+"""`index.duckdb`: the shard registry and the views `prompts`, `generations`, `scores`, `pairs`,
+and, once `eval` has run, `answers`, `judgments` and `eval_results`.
 
 The views read the registered shards of each stage's active fingerprint through absolute paths,
 so a stock DuckDB client opens them from any working directory. Moving the cache folder is
@@ -16,12 +17,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import sys
+
 import duckdb
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from ..errors import CacheError
-from .schema import STAGES, VIEW_STAGES
-from .shards import ShardFile, file_sha256, shard_metadata
+from .schema import ACCUMULATING, STAGES, VIEW_STAGES
+from .shards import ShardFile, file_sha256, read_shard, shard_metadata, shard_path
 
 INDEX_NAME = "index.duckdb"
 FORMAT_VERSION = "1"
@@ -102,9 +106,10 @@ class CacheIndex:
     # -- registry -------------------------------------------------------------------------------
 
     def begin_stage(self, stage: str, fingerprint: str, settings: dict, n_shards: int) -> None:
-        """Record a stage's settings and make this fingerprint the one the views show."""
+        """Record a stage's settings and make this fingerprint the one the views show (beside the others, if accumulating)."""
         with self.connect() as con:
-            con.execute("UPDATE stages SET active = false WHERE stage = ? AND fingerprint <> ?", [stage, fingerprint])
+            if stage not in ACCUMULATING:
+                con.execute("UPDATE stages SET active = false WHERE stage = ? AND fingerprint <> ?", [stage, fingerprint])
             con.execute("INSERT INTO stages (stage, fingerprint, settings, n_shards, active) VALUES (?, ?, ?, ?, true) "
                         "ON CONFLICT DO UPDATE SET active = true, n_shards = excluded.n_shards",
                         [stage, fingerprint, json.dumps(settings, sort_keys=True), n_shards])
@@ -154,6 +159,33 @@ class CacheIndex:
         if stale:
             raise CacheError(f"the active {stage} shards were built from older {', '.join(stale)} shards — {command}")
         return fingerprint
+
+    def intact_shards(self, stage: str, fp: str, todo: list[int], force: bool) -> set[int]:
+        """Shards that need no work: registered and intact, or complete on disk but not yet registered."""
+        if force:
+            return set()
+        registered = self.registered(stage, fp)
+        done = set()
+        for k in todo:
+            path = shard_path(self.stage_dir(stage, fp), k)
+            entry = registered.get(k)
+            if entry is not None:
+                problem = shard_problem(entry.path, entry.bytes, entry.sha256, stage, fp)
+                if problem is None:
+                    done.add(k)
+                else:
+                    tqdm.write(f"{stage} shard {k}: {problem}; rebuilding it", file=sys.stderr)
+                    self.unregister(stage, fp, k)
+            elif path.is_file():  # renamed but the job died before registering: adopt it if it is ours
+                try:
+                    ours = shard_metadata(path).get("fingerprint") == fp
+                except CacheError:
+                    ours = False
+                if ours:
+                    table_rows = read_shard(path).num_rows
+                    self.register(stage, fp, k, ShardFile(path, table_rows, path.stat().st_size, file_sha256(path)))
+                    done.add(k)
+        return done
 
     # -- views ----------------------------------------------------------------------------------
 

@@ -88,6 +88,54 @@ JOIN generations gs ON gs.prompt_id = p.prompt_id AND gs.sample = rc.sample AND 
 ORDER BY p.prompt_id, rc.sample
 """
 
+# Eval: answers of each model to each benchmark's questions, one row per (question, turn).
+ANSWERS = pa.schema([
+    ("suite", pa.string()),  # mtbench | alpacaeval | winrate
+    ("model", pa.string()),  # the name in the eval manifest (teacher, student, sft, dadpo, ...)
+    ("question_id", pa.string()),
+    ("category", pa.string()),
+    ("turn", pa.int32()),  # 1-based; MT-Bench turn 2 follows the model's own turn-1 answer
+    ("messages", pa.string()),  # JSON conversation the model answered
+    ("text", pa.string()),
+    ("n_tokens", pa.int32()),
+    ("finish_reason", pa.string()),  # stop | length
+    ("temperature", pa.float32()),
+    ("seed", pa.int64()),
+])
+
+# Every judge call, kept for audit: the exact request text and the raw reply.
+JUDGMENTS = pa.schema([
+    ("suite", pa.string()),
+    ("judge", pa.string()),  # model@base_url: scores of different judges are not comparable
+    ("template", pa.string()),  # judge prompt name, e.g. single-math-v1-multi-turn, pair-v2
+    ("model", pa.string()),
+    ("opponent", pa.string()),  # pairwise: the other model (null for single grading)
+    ("question_id", pa.string()),
+    ("category", pa.string()),
+    ("turn", pa.int32()),
+    ("order", pa.string()),  # pairwise: "model-first" or "opponent-first"
+    ("system", pa.string()),
+    ("prompt", pa.string()),
+    ("reply", pa.string()),
+    ("error", pa.string()),  # why the judge refused this request (HTTP 400/413/422), else null
+    ("score", pa.float64()),  # single grading: the [[rating]], null when the reply has none
+    ("verdict", pa.string()),  # pairwise: model | opponent | tie | null (unparseable)
+])
+
+# One row per (eval run, model, suite, metric): what reports and `sql` compare.
+EVAL_RESULTS = pa.schema([
+    ("run_id", pa.string()),
+    ("model", pa.string()),
+    ("suite", pa.string()),
+    ("metric", pa.string()),
+    ("value", pa.float64()),
+    ("stderr", pa.float64()),
+    ("ci_low", pa.float64()),
+    ("ci_high", pa.float64()),
+    ("n", pa.int64()),
+    ("judge", pa.string()),
+])
+
 STAGES = {
     "prompts": PROMPTS,
     "generate-teacher": GENERATIONS,
@@ -95,11 +143,20 @@ STAGES = {
     "score-teacher": SCORES,
     "score-reference": SCORES,
     "pairs": PAIRS,
+    "answers": ANSWERS,
+    "judgments": JUDGMENTS,
+    "eval-results": EVAL_RESULTS,
 }
+# Stages whose fingerprints all stay visible (one per model and benchmark, one per eval run)
+# instead of the newest replacing the rest.
+ACCUMULATING = {"answers", "judgments", "eval-results"}
 # view -> the stages whose active shards it reads
 VIEW_STAGES = {
     "prompts": ["prompts"],
     "generations": ["generate-teacher", "generate-student"],
     "scores": ["score-teacher", "score-reference"],
     "pairs": ["pairs"],
+    "answers": ["answers"],
+    "judgments": ["judgments"],
+    "eval_results": ["eval-results"],
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ModelError
 from ..models import ResolvedModel
@@ -45,15 +46,22 @@ class ChatFormat:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def load_chat_format(model: ResolvedModel, end_of_turn: str | None = None) -> ChatFormat:
+def load_chat_format(model: ResolvedModel, end_of_turn: str | None = None, chat_template: str | None = None) -> ChatFormat:
+    """The model's tokenizer and chat template; `chat_template` (a Jinja file) supplies or replaces the template."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.load_revision)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of {model.reference}: {str(exc).splitlines()[0]}") from exc
+    if chat_template is not None:
+        try:
+            tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ModelError(f"chat_template {chat_template} of {model.reference}: {exc.strerror}") from exc
     if not getattr(tokenizer, "chat_template", None):
-        raise ModelError(f"{model.reference} has no chat template; give a chat (instruct) model")
+        raise ModelError(f"{model.reference} has no chat template; give a chat (instruct) model, or a Jinja file "
+                         "as chat_template in the manifest")
     token = end_of_turn or tokenizer.eos_token
     eot = tokenizer.convert_tokens_to_ids(token) if token else None
     if eot is None or eot == tokenizer.unk_token_id:

@@ -74,6 +74,7 @@ def open_engine(model: ResolvedModel, backend: str, dtype: str, config: EngineCo
 class VllmEngine:
     def __init__(self, model: ResolvedModel, dtype: str, config: EngineConfig, end_of_turn_id: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no spawn, no __main__ guard
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bars, not its config dumps
         import torch
         from vllm import LLM
 

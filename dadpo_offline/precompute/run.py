@@ -15,9 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from ..cache.index import CacheIndex, open_cache, shard_problem
-from ..cache.shards import (ShardFile, file_sha256, fingerprint, read_shard, remove_stale_temps, shard_metadata,
-                            shard_path, write_shard)
+from ..cache.index import CacheIndex, open_cache
+from ..cache.shards import fingerprint, read_shard, remove_stale_temps, shard_path, write_shard
 from ..errors import CacheError, InputError
 from ..manifest import Manifest, manifest_dict, write_resolved
 from ..models import ResolvedModel, resolve_model
@@ -94,7 +93,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     # 1. Validate all inputs before the cache exists or changes.
     prompts, counts = collect_prompts(manifest.prompts)
     backend = pick_backend(manifest.engine.backend)
-    roles = {name: _role(name, getattr(manifest, name) if name != "reference" else manifest.reference_model)
+    roles = {name: model_role(name, getattr(manifest, name) if name != "reference" else manifest.reference_model)
              for name in ("student", "teacher", "reference")}
     fitted, lengths, seen = [], [], set()
     for prompt in prompts:
@@ -152,7 +151,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
             if name != "prompts" or jobs == 1:  # every job writes the (identical) prompts shard
                 remove_stale_temps(stage_dir, todo)
             write_resolved(manifest, stage_dir / "manifest.yaml")
-            done = _intact_shards(cache, name, fp, todo, force)
+            done = cache.intact_shards(name, fp, todo, force)
             bar = tqdm(todo, desc=name, unit="shard", file=sys.stderr, dynamic_ncols=True)
             start = time.perf_counter()
             for k in bar:
@@ -190,42 +189,14 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     return summary
 
 
-def _role(name: str, config) -> Role:
+def model_role(name: str, config) -> Role:
     model = resolve_model(config.model, config.revision)
-    return Role(name, model, load_chat_format(model, config.end_of_turn), resolve_dtype(config.dtype))
+    return Role(name, model, load_chat_format(model, config.end_of_turn, config.chat_template), resolve_dtype(config.dtype))
 
 
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
     return {"model": role.model.reference, "revision": role.model.revision, "chat_format": role.fmt.identity,
             "engine": engine_identity(backend, role.dtype, manifest.engine)}
-
-
-def _intact_shards(cache: CacheIndex, stage: str, fp: str, todo: list[int], force: bool) -> set[int]:
-    """Shards that need no work: registered and intact, or complete on disk but not yet registered."""
-    if force:
-        return set()
-    registered = cache.registered(stage, fp)
-    done = set()
-    for k in todo:
-        path = shard_path(cache.stage_dir(stage, fp), k)
-        entry = registered.get(k)
-        if entry is not None:
-            problem = shard_problem(entry.path, entry.bytes, entry.sha256, stage, fp)
-            if problem is None:
-                done.add(k)
-            else:
-                tqdm.write(f"{stage} shard {k}: {problem}; rebuilding it", file=sys.stderr)
-                cache.unregister(stage, fp, k)
-        elif path.is_file():  # renamed but the job died before registering: adopt it if it is ours
-            try:
-                ours = shard_metadata(path).get("fingerprint") == fp
-            except CacheError:
-                ours = False
-            if ours:
-                table_rows = read_shard(path).num_rows
-                cache.register(stage, fp, k, ShardFile(path, table_rows, path.stat().st_size, file_sha256(path)))
-                done.add(k)
-    return done
 
 
 def _shard_inputs(cache: CacheIndex, fps: dict, stages: list[str], k: int, producer: str) -> pa.Table:

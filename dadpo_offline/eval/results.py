@@ -1,0 +1,112 @@
+"""One results folder per eval run: results.parquet (also the `eval_results` view), summary.json, report.md."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+
+from ..cache.index import CacheIndex
+from ..cache.schema import EVAL_RESULTS
+from ..cache.shards import shard_path, write_shard
+
+HEADLINE = [  # (column title, suite, metric) in the comparison table
+    ("MT-Bench", "mtbench", "overall"), ("MT-Bench T1", "mtbench", "turn1"), ("MT-Bench T2", "mtbench", "turn2"),
+    ("AlpacaEval win %", "alpacaeval", "win_rate"), ("AlpacaEval LC %", "alpacaeval", "length_controlled_winrate"),
+]
+
+
+def results_table(run_id: str, rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{name: row.get(name) for name in EVAL_RESULTS.names} | {"run_id": run_id}
+                                 for row in rows], schema=EVAL_RESULTS)
+
+
+def save_results(cache: CacheIndex, run_dir: Path, run_id: str, rows: list[dict], summary: dict, report: str) -> None:
+    """Write the run's files, then register results.parquet's twin in the cache so `sql` sees every run."""
+    table = results_table(run_id, rows)
+    write_shard(table, run_dir / "results.parquet", {"stage": "eval-results", "fingerprint": run_id, "shard": 0})
+    cache.begin_stage("eval-results", run_id, {"run_dir": str(run_dir)}, 1)
+    written = write_shard(table, shard_path(cache.stage_dir("eval-results", run_id), 0),
+                          {"stage": "eval-results", "fingerprint": run_id, "shard": 0})
+    cache.register("eval-results", run_id, 0, written)
+    atomic_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_text(run_dir / "report.md", report)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
+def markdown_report(run_id: str, models: dict[str, str], judge: str | None, rows: list[dict]) -> str:
+    """Models side by side: headline scores, win rate vs teacher, lm-eval with deltas vs the student."""
+    value = {(r["model"], r["suite"], r["metric"]): r for r in rows}
+    names = list(models)
+    lines = [f"# Eval {run_id}", "", f"Judge: `{judge}` (scores from different judges are not comparable)." if judge
+             else "No judge used.", "", "| model | weights |", "|---|---|"]
+    lines += [f"| {name} | `{ref}` |" for name, ref in models.items()]
+    columns = [c for c in HEADLINE if any((n, c[1], c[2]) in value for n in names)]
+    winrate = sorted({r["metric"] for r in rows if r["suite"] == "winrate" and r["metric"].startswith("score_vs_")})
+    columns += [(f"(W+0.5T)/N {m.removeprefix('score_vs_')} [95% CI]", "winrate", m) for m in winrate]
+    tasks = sorted({r["metric"] for r in rows if r["suite"] == "lmeval"})
+    columns += [(t, "lmeval", t) for t in tasks]
+    if columns:
+        lines += ["", "## Results", "", "| model | " + " | ".join(c[0] for c in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for name in names:
+            cells = []
+            for _, suite, metric in columns:
+                row = value.get((name, suite, metric))
+                cells.append(cell(row, value.get(("student", suite, metric)) if suite == "lmeval" and name != "student"
+                                  else None))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += winrate_section(rows) + mtbench_section(rows, names)
+    misses = [r for r in rows if r["metric"].startswith("unparsed") and r["value"]]
+    if misses:
+        lines += ["", "Judge replies without a readable verdict (counted, not scored): "
+                  + ", ".join(f"{r['suite']}/{r['model']} {int(r['value'])}" for r in misses) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def cell(row: dict | None, baseline: dict | None = None) -> str:
+    if row is None or row["value"] is None:
+        return "–"
+    text = f"{row['value']:.3f}" if abs(row["value"]) < 10 else f"{row['value']:.1f}"
+    if row.get("ci_low") is not None:
+        text += f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+    if baseline is not None and baseline["value"] is not None:
+        text += f" ({row['value'] - baseline['value']:+.3f})"
+    return text
+
+
+def winrate_section(rows: list[dict]) -> list[str]:
+    found = {}
+    for r in rows:
+        if r["suite"] == "winrate":
+            metric, _, opponent = r["metric"].partition("_vs_")
+            found.setdefault((r["model"], opponent), {})[metric] = r
+    if not found:
+        return []
+    lines = ["", "## Win rate vs teacher (both orders; disagreement is a tie)", "",
+             "| model | vs | W | T | L | W/N | (W+0.5T)/N | (W−L)/N | inconsistent | unparsed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, opponent), m in sorted(found.items()):
+        count = lambda k: str(int(m[k]["value"])) if k in m and m[k]["value"] is not None else "–"
+        lines.append(f"| {model} | {opponent} | {count('wins')} | {count('ties')} | {count('losses')} | "
+                     f"{cell(m.get('win_rate'))} | {cell(m.get('score'))} | {cell(m.get('net'))} | "
+                     f"{cell(m.get('inconsistency_rate'))} | {count('unparsed_judgments')} |")
+    return lines
+
+
+def mtbench_section(rows: list[dict], names: list[str]) -> list[str]:
+    categories = sorted({r["metric"].removeprefix("category/") for r in rows
+                         if r["suite"] == "mtbench" and r["metric"].startswith("category/")})
+    if not categories:
+        return []
+    value = {(r["model"], r["metric"]): r for r in rows if r["suite"] == "mtbench"}
+    lines = ["", "## MT-Bench by category", "", "| model | " + " | ".join(categories) + " |", "|---|" + "---|" * len(categories)]
+    for name in names:
+        if any((name, f"category/{c}") in value for c in categories):
+            lines.append(f"| {name} | " + " | ".join(cell(value.get((name, f"category/{c}"))) for c in categories) + " |")
+    return lines

