@@ -58,6 +58,7 @@ def main():
       dadpo-offline sql runs/demo/cache "SELECT count(*) FROM pairs"
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # vLLM logs to stdout by default: ours is data
 
 
 @main.command(context_settings=CONTEXT)

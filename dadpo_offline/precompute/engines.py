@@ -75,6 +75,7 @@ class VllmEngine:
     def __init__(self, model: ResolvedModel, dtype: str, config: EngineConfig, end_of_turn_id: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: no spawn, no __main__ guard
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bars, not its config dumps
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only our data
         import torch
         from vllm import LLM
 

@@ -25,8 +25,8 @@ from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
 from .losses import LOSSES, effective_betas
 from ..cache.index import open_cache
-from .runs import (check_config, load_causal_lm, resume_checkpoint, run_identity, save_final, settings_dict, stage_dir,
-                   training_arguments)
+from .runs import (check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity, save_final,
+                   settings_dict, stage_dir, training_arguments)
 
 METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/chosen", "rewards/rejected",
            "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
@@ -133,9 +133,14 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     check_config(t)
     beta1, beta2 = effective_betas(t.loss, t.beta1, t.beta2)
     output = stage_dir(manifest, t.loss)
-    pairs = load_pairs(manifest.cache_dir)
     init = t.init_model or manifest.reference_model.model
     revision = None if t.init_model else manifest.reference_model.revision
+    data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
+    identity = run_identity(t.loss, data, init, t)
+    done = finished_run(output, identity, t, "rewards/margins")
+    if done:
+        return done | {"step0": None}
+    pairs = load_pairs(manifest.cache_dir)
     model, tokenizer, resolved = load_causal_lm(init, revision)
     vocab = model.get_input_embeddings().weight.shape[0]
     top = pairs.max_token_id()
@@ -150,8 +155,7 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
     check = Step0Check(trainer, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init, quiet)
     trainer.add_callback(check)
-    data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
-    resume_from = resume_checkpoint(output, t.resume, run_identity(t.loss, data, init, t))
+    resume_from = resume_checkpoint(output, t.resume, identity)
     result = trainer.train(resume_from_checkpoint=resume_from)
     report = check.report
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]

@@ -88,7 +88,7 @@ def load_causal_lm(reference: str, revision: str | None = None):
 
 # Settings that do not change what a finished run computes: a resumed run may differ in them.
 RESUME_NEUTRAL = {"resume", "max_steps", "output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to",
-                  "step0_pairs", "step0_max_token_gap"}
+                  "step0_pairs", "step0_max_token_gap", "compare"}
 
 
 def run_identity(stage: str, data_fingerprint: str, start_model: str, t: TrainConfig, ignore: tuple = ()) -> dict:
@@ -118,10 +118,32 @@ def resume_checkpoint(output: Path, resume: bool, identity: dict) -> str | None:
     return checkpoint
 
 
+def finished_run(output: Path, identity: dict, t: TrainConfig, history_key: str) -> dict | None:
+    """The summary of a finished run with exactly these settings, so that rerunning it is a no-op.
+
+    A run is finished once save_final wrote trainer_state.json (with the max_steps it was asked
+    for: a smoke run with --max-steps 2 is not the full run); starting a run removes that file, so
+    a crash after a settings change is never mistaken for the old, finished run.
+    """
+    state, record = output / "trainer_state.json", output / "run.json"
+    if t.resume and state.is_file() and record.is_file():
+        logged = json.loads(state.read_text(encoding="utf-8"))
+        same = json.loads(record.read_text(encoding="utf-8")) == json.loads(json.dumps(identity, sort_keys=True))
+        if same and logged.get("requested_max_steps") == t.max_steps:
+            history = [h for h in logged["log_history"] if history_key in h]
+            summary = next((h for h in reversed(logged["log_history"]) if "train_loss" in h), {})
+            return {"output_dir": str(output), "steps": logged["global_step"], "train_loss": summary.get("train_loss"),
+                    "resumed_from": None, "history": history, "skipped": "finished before with the same settings"}
+    state.unlink(missing_ok=True)
+    return None
+
+
 def save_final(trainer, tokenizer, manifest: Manifest, output: Path, card: dict) -> None:
-    """Model + tokenizer (with chat template) + resolved manifest + model card, in the stage folder."""
+    """Model + tokenizer (with chat template) + training log + resolved manifest + model card, in the stage folder."""
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
+        state = dataclasses.asdict(trainer.state) | {"requested_max_steps": manifest.train.max_steps}
+        (output / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")  # `report` plots it
         tokenizer.save_pretrained(str(output))
         write_resolved(manifest, output / "manifest.yaml")
         write_card(output, card)

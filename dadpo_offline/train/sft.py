@@ -17,16 +17,22 @@ from ..precompute.chat import load_chat_format
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
 from ..cache.index import open_cache
-from .runs import (check_config, load_causal_lm, resume_checkpoint, run_identity, save_final, settings_dict, stage_dir,
-                   training_arguments)
+from .runs import (check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity, save_final,
+                   settings_dict, stage_dir, training_arguments)
 
 
 def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
     t = manifest.train
     check_config(t)
     output = stage_dir(manifest, "sft")
+    data = open_cache(manifest.cache_dir).ready_fingerprint("generate-teacher", "generate")
+    identity = run_identity("sft", data, manifest.student.model, t, ignore=("beta", "loss", "step0", "init_model"))
+    done = finished_run(output, identity, t, "loss")
+    if done:
+        return done
     model, tokenizer, resolved = load_causal_lm(manifest.student.model, manifest.student.revision)
-    fmt = load_chat_format(resolved, manifest.student.end_of_turn)
+    fmt = load_chat_format(resolved, manifest.student.end_of_turn, manifest.student.chat_template)
+    tokenizer.chat_template = fmt.tokenizer.chat_template  # saved with the model: the reference needs its template
     examples = load_sft_examples(manifest.cache_dir, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.end_of_turn_id
     args = training_arguments(t, output, t.sft_learning_rate, t.sft_epochs)
@@ -34,8 +40,6 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
                       processing_class=tokenizer,
                       callbacks=[FiniteGradients()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
-    data = open_cache(manifest.cache_dir).ready_fingerprint("generate-teacher", "generate")
-    identity = run_identity("sft", data, manifest.student.model, t, ignore=("beta", "loss", "step0", "init_model"))
     resume_from = resume_checkpoint(output, t.resume, identity)
     result = trainer.train(resume_from_checkpoint=resume_from)
     tokens = sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)

@@ -1,0 +1,348 @@
+"""`dadpo-offline report`: plots and a Markdown + HTML summary of one pipeline run folder.
+
+Reads whatever exists of RUN_DIR/cache (teacher margins δ_te over `pairs`), RUN_DIR/train/<stage>
+(trainer_state.json log_history, run.json settings) and RUN_DIR/eval/<run id> (results.parquet,
+summary.json), and names what is missing instead of failing: a report of a half-finished run is
+how one sees where it stopped. The page is built once as blocks and rendered twice, so report.md
+and report.html say the same; report.html inlines its images so the single file can be mailed.
+Plots use matplotlib's `Figure` directly (Agg canvas, no pyplot state, no display needed).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+from .cache.index import INDEX_NAME, open_cache
+from .errors import DadpoError, InputError
+from .eval.results import cell
+
+STAGES = ("sft", "ddpo", "dadpo", "rdpo")  # pipeline order
+BETA_MASK = {"dadpo": (1, 1), "ddpo": (1, 0), "rdpo": (0, 1)}  # which betas each loss uses (losses.effective_betas)
+MODEL_ORDER = ("student", "reference", "sft", "ddpo", "dadpo", "rdpo")  # then baselines, then the teacher
+COLUMNS = [  # (title, suite, metric) that lead the results table
+    ("MT-Bench", "mtbench", "overall"), ("AlpacaEval win %", "alpacaeval", "win_rate"),
+    ("AlpacaEval LC %", "alpacaeval", "length_controlled_winrate"),
+    ("vs teacher (W+0.5T)/N [95% CI]", "winrate", "score_vs_teacher"),
+    ("teacher log p / token", "likelihood", "teacher_logp_per_token"),
+]
+OWN_SUITES = ("mtbench", "alpacaeval", "winrate", "lmeval")  # detail of these lives in the eval's own report.md
+PLOTS = ("training_curves.png", "teacher_margins.png", "mtbench_categories.png")
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
+       "th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}img{max-width:100%}"
+       "code{background:#f4f4f4;padding:0 .2em}")
+
+
+def write_report(run_dir: Path, out: Path | None = None, eval_run: str | None = None) -> dict:
+    """Write PNGs + report.md + report.html into out (default RUN_DIR/report); return {"files": [...], "missing": [...]}."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not run_dir.is_dir() or not any((run_dir / part).is_dir() for part in ("cache", "train", "eval")):
+        raise InputError(f"{run_dir} is not a pipeline run folder (no cache/, train/ or eval/ in it) — give the "
+                         "folder that `dadpo-offline run` filled, e.g. runs/demo")
+    out = Path(out).expanduser().resolve() if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in PLOTS:  # a plot this run cannot draw must not survive from an earlier report
+        (out / name).unlink(missing_ok=True)
+    missing = []
+    stages = read_stages(run_dir / "train", missing)
+    margins = read_margins(run_dir / "cache", missing)
+    run_id, ev_dir, rows, summary = read_eval(run_dir / "eval", eval_run, missing)
+    names = ordered_models(rows, summary)
+    plots = {}
+    if stages:
+        plots["training_curves.png"] = plot_training(stages, out / "training_curves.png")
+    if margins:
+        plots["teacher_margins.png"] = plot_margins(margins, out / "teacher_margins.png")
+    categories = sorted({r["metric"].removeprefix("category/") for r in rows
+                         if r["suite"] == "mtbench" and r["metric"].startswith("category/")})
+    if categories:
+        plots["mtbench_categories.png"] = plot_categories(rows, names, categories, out / "mtbench_categories.png")
+    elif rows:
+        missing.append(f"MT-Bench categories: eval run {run_id} has no mtbench category/* scores")
+
+    blocks = [("h", 1, f"Run report: {run_dir.name}"), ("p", f"Run folder `{run_dir}`.")]
+    blocks += results_blocks(run_id, ev_dir, out, rows, names, summary, plots)
+    blocks += training_blocks(stages)
+    blocks += cache_blocks(margins)
+    if missing:
+        blocks += [("h", 2, "Missing"), ("ul", missing)]
+    (out / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+    (out / "report.html").write_text(to_html(blocks, out, f"Run report: {run_dir.name}"), encoding="utf-8")
+    files = [out / "report.md", out / "report.html"] + [out / name for name in PLOTS if name in plots]
+    return {"files": [str(f) for f in files], "missing": missing}
+
+
+
+def read_stages(train: Path, missing: list[str]) -> dict[str, dict]:
+    """Per stage folder: the logged steps (entries with a loss) and run.json's settings."""
+    stages = {}
+    for stage in STAGES:
+        folder = train / stage
+        if not folder.is_dir():
+            continue
+        state, settings = read_json(folder / "trainer_state.json"), read_json(folder / "run.json")
+        if not isinstance((state or {}).get("log_history"), list):
+            missing.append(f"train/{stage}: no readable trainer_state.json (unfinished?) — rerun: dadpo-offline train "
+                           f"MANIFEST --stage {'sft' if stage == 'sft' else 'dadpo --loss ' + stage}")
+            continue
+        if settings is None:
+            missing.append(f"train/{stage}: no readable run.json (settings and betas unknown)")
+        stages[stage] = {"log": [h for h in state["log_history"] if "loss" in h and "step" in h],
+                         "settings": settings or {}}
+    if not any((train / stage).is_dir() for stage in STAGES):
+        missing.append("training curves: no train/<stage>/trainer_state.json — run: dadpo-offline train MANIFEST --stage sft")
+    return stages
+
+
+def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
+    """δ_te = teacher_chosen_logp − teacher_rejected_logp per pair (also per token), and δ_ref for comparison."""
+    if not (cache_dir / INDEX_NAME).is_file():
+        missing.append(f"cache: no cache/{INDEX_NAME} — run: dadpo-offline precompute MANIFEST")
+        return None
+    try:
+        with open_cache(cache_dir).connect(read_only=True) as con:
+            columns = con.execute("""
+                SELECT teacher_chosen_logp - teacher_rejected_logp AS te,
+                       teacher_chosen_logp / nullif(teacher_chosen_tokens, 0)
+                         - teacher_rejected_logp / nullif(teacher_rejected_tokens, 0) AS te_token,
+                       ref_chosen_logp - ref_rejected_logp AS ref
+                FROM pairs""").fetchnumpy()
+            splits = con.execute("SELECT split, count(*) FROM pairs GROUP BY ALL ORDER BY split").fetchall()
+    except (DadpoError, duckdb.Error) as exc:
+        missing.append(f"cache: the pairs view cannot be read ({str(exc).splitlines()[0]}) — check: "
+                       "dadpo-offline cache verify RUN_DIR/cache")
+        return None
+    values = {k: finite(v) for k, v in columns.items()}
+    if not len(values["te"]):
+        missing.append("cache: the pairs view is empty — run: dadpo-offline precompute MANIFEST --stage score")
+        return None
+    return values | {"splits": splits}
+
+
+def finite(column) -> np.ndarray:
+    data = np.ma.filled(np.ma.asarray(column, dtype=float), np.nan)
+    return data[np.isfinite(data)]
+
+
+def read_eval(eval_dir: Path, eval_run: str | None, missing: list[str]) -> tuple[str | None, Path | None, list, dict]:
+    """The chosen eval run (default: the newest run id, i.e. the latest UTC start time) and its result rows."""
+    runs = sorted((p.parent.name for p in eval_dir.glob("*/results.parquet")), key=run_order) if eval_dir.is_dir() else []
+    if eval_run is not None and eval_run not in runs:
+        raise InputError(f"--eval-run {eval_run}: no {eval_dir / eval_run / 'results.parquet'} "
+                         f"(runs: {', '.join(runs) or 'none'})")
+    if not runs:
+        missing.append("eval: no eval/<run id>/results.parquet — run: dadpo-offline eval MANIFEST")
+        return None, None, [], {}
+    run_id = eval_run or runs[-1]
+    folder = eval_dir / run_id
+    try:
+        rows = pq.read_table(folder / "results.parquet").to_pylist()
+    except (OSError, ValueError) as exc:
+        missing.append(f"eval/{run_id}: results.parquet unreadable ({str(exc).splitlines()[0]})")
+        return None, None, [], {}
+    return run_id, folder, rows, read_json(folder / "summary.json") or {}
+
+
+def read_json(path: Path) -> dict | None:
+    """The file's JSON object; None when it is absent or unreadable (a run cut short)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_order(name: str) -> tuple:
+    """Run ids are UTC stamps with an optional -N for runs started in the same second: -10 after -9."""
+    found = re.fullmatch(r"(\d{8}-\d{6})(?:-(\d+))?", name)
+    return (found[1], int(found[2] or 1)) if found else (name, 0)
+
+
+def ordered_models(rows: list[dict], summary: dict) -> list[str]:
+    """student → reference → sft → ddpo → dadpo → rdpo → baselines → teacher, only those with results."""
+    found = dict.fromkeys(list(summary.get("models") or {}) + [r["model"] for r in rows])
+    present = [m for m in found if any(r["model"] == m for r in rows)]
+    rest = [m for m in present if m not in MODEL_ORDER and m != "teacher"]
+    return [m for m in MODEL_ORDER if m in present] + rest + (["teacher"] if "teacher" in present else [])
+
+
+
+def betas(stage: str, settings: dict) -> tuple[float | None, float | None]:
+    """The betas the stage's loss really used (ddpo drops β2, rdpo β1)."""
+    return tuple(None if settings.get(k) is None else settings[k] * used
+                 for k, used in zip(("beta1", "beta2"), BETA_MASK[stage]))
+
+
+def plot_training(stages: dict[str, dict], path: Path) -> Path:
+    fig = Figure(figsize=(18, 3.6 * len(stages)), layout="constrained")
+    axes = fig.subplots(len(stages), 4, squeeze=False)
+    for row, (stage, info) in zip(axes, stages.items()):
+        log = info["log"]
+        series = lambda key: ([h["step"] for h in log if key in h], [h[key] for h in log if key in h])
+        row[0].plot(*series("loss"), label="loss")
+        row[0].set(title=f"{stage}: loss", xlabel="step", ylabel="loss")
+        if stage == "sft":
+            for ax in row[1:]:
+                ax.set_axis_off()
+            row[0].legend()
+            continue
+        b1, b2 = betas(stage, info["settings"])
+        row[0].axhline(np.log(2), color="grey", linestyle=":", label="log 2 (z = 0)")
+        row[1].plot(*series("ref_term"), label=f"β1·ref_margin (β1={b1})")
+        row[1].plot(*series("teacher_term"), label=f"β2·teacher_margin (β2={b2})")
+        row[1].set(title=f"{stage}: margin terms of z", xlabel="step", ylabel="nats (β-weighted)")
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            row[2].plot(*series(key), label=key)
+        row[2].set(title=f"{stage}: implicit rewards", xlabel="step", ylabel="reward")
+        row[3].plot(*series("rewards/accuracies"), label="rewards/accuracies")
+        row[3].set(title=f"{stage}: fraction of pairs with z > 0", xlabel="step", ylabel="accuracy", ylim=(-0.05, 1.05))
+        for ax in row:
+            ax.legend(fontsize="small")
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def plot_margins(margins: dict, path: Path) -> Path:
+    fig = Figure(figsize=(13, 4.5), layout="constrained")
+    for ax, key, unit in zip(fig.subplots(1, 2), ("te", "te_token"), ("nats per sequence", "nats per token")):
+        values = margins[key]
+        ax.hist(values, bins=40, color="tab:blue", alpha=0.75, label=f"{len(values)} pairs")
+        ax.axvline(values.mean(), color="tab:red", label=f"mean {values.mean():.3f}")
+        ax.axvline(np.median(values), color="tab:orange", linestyle="--", label=f"median {np.median(values):.3f}")
+        ax.set(title=f"Teacher margin δ_te ({unit})", xlabel=f"log π_te(y_w) − log π_te(y_l), {unit}", ylabel="pairs")
+        ax.legend()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def plot_categories(rows: list[dict], names: list[str], categories: list[str], path: Path) -> Path:
+    value = {(r["model"], r["metric"]): r for r in rows if r["suite"] == "mtbench" and r["value"] is not None}
+    models = [m for m in names if any((m, f"category/{c}") in value for c in categories)]
+    fig = Figure(figsize=(max(8, 2 + 0.35 * len(categories) * len(models)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        got = [value.get((model, f"category/{c}")) for c in categories]
+        ax.bar(np.arange(len(categories)) + (i - (len(models) - 1) / 2) * width, [g["value"] if g else 0 for g in got],
+               width, yerr=[(g["stderr"] or 0) if g else 0 for g in got], capsize=2, label=model)
+    ax.set_xticks(np.arange(len(categories)), categories)
+    ax.set(title="MT-Bench score by category", xlabel="category", ylabel="judge score (1–10)", ylim=(0, 11),
+           yticks=range(0, 11, 2))  # headroom for the legend
+    ax.legend(ncols=min(len(models), 6), fontsize="small")
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def results_blocks(run_id, ev_dir, out: Path, rows, names, summary, plots) -> list:
+    if not rows:
+        return []
+    value = {(r["model"], r["suite"], r["metric"]): r for r in rows}
+    columns = [c for c in COLUMNS if any(k[1:] == c[1:] for k in value)]
+    columns += [(f"{s}/{m}", s, m) for s, m in dict.fromkeys((r["suite"], r["metric"]) for r in rows)
+                if s not in OWN_SUITES and (s, m) not in {c[1:] for c in columns}]
+    columns += [(m, "lmeval", m) for m in sorted({r["metric"] for r in rows if r["suite"] == "lmeval"})]
+    table = [[name] + [cell(value.get((name, s, m)), value.get(("student", s, m)) if s == "lmeval" and name != "student"
+                                                    else None) for _, s, m in columns] for name in names]
+    judges = sorted({(r["suite"], r["judge"]) for r in rows if r.get("judge")})
+    blocks = [("h", 2, f"Results (eval run {run_id})"),
+              ("p", "lm-eval cells show the delta vs the student in parentheses (the alignment tax). "
+                    f"Per-suite detail: `{os.path.relpath(ev_dir / 'report.md', out)}`."),
+              ("table", ["model"] + [c[0] for c in columns], table)]
+    if judges:
+        blocks += [("p", "Judges (scores from different judges are not comparable):"),
+                   ("ul", [f"{suite}: `{judge}`" for suite, judge in judges])]
+    if summary.get("judge"):
+        blocks.append(("p", f"Judge settings: `{json.dumps(summary['judge'], sort_keys=True)}`."))
+    if "mtbench_categories.png" in plots:
+        blocks.append(("img", "mtbench_categories.png", "MT-Bench score by category"))
+    return blocks
+
+
+def training_blocks(stages: dict) -> list:
+    if not stages:
+        return []
+    table = []
+    for stage, info in stages.items():
+        last = info["log"][-1] if info["log"] else {}
+        b1, b2 = betas(stage, info["settings"]) if stage != "sft" else (None, None)
+        table.append([stage, fmt(b1), fmt(b2), fmt(last.get("step")),
+                      *(fmt(last.get(k)) for k in ("loss", "rewards/margins", "rewards/accuracies"))])
+    keys = list(dict.fromkeys(k for info in stages.values() for k in info["settings"]))
+    settings = [[k] + [fmt(info["settings"].get(k)) for info in stages.values()] for k in keys]
+    blocks = [("h", 2, "Training"), ("table", ["stage", "β1", "β2", "steps", "final loss", "final rewards/margins",
+                                               "final rewards/accuracies"], table),
+              ("img", "training_curves.png", "Training curves")]
+    if settings:
+        blocks += [("p", "Settings per stage (run.json):"), ("table", ["setting", *stages], settings)]
+    return blocks
+
+
+def cache_blocks(margins: dict | None) -> list:
+    if not margins:
+        return []
+    te, token, ref = margins["te"], margins["te_token"], margins["ref"]
+    stats = [f"pairs: {sum(n for _, n in margins['splits'])} ("
+             + ", ".join(f"{split} {n}" for split, n in margins["splits"]) + ")",
+             f"δ_te = log π_te(y_w) − log π_te(y_l): mean {te.mean():.3f}, median {np.median(te):.3f} nats per "
+             f"sequence; mean {token.mean() if len(token) else float('nan'):.4f} nats per token",
+             f"δ_ref = log π_ref(y_w) − log π_ref(y_l): mean {ref.mean() if len(ref) else float('nan'):.3f} nats "
+             "(at step 0 the teacher term of z is β2·(δ_ref − δ_te))"]
+    return [("h", 2, "Cache"), ("ul", stats), ("img", "teacher_margins.png", "Teacher margins")]
+
+
+def fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def to_markdown(blocks: list) -> str:
+    md_cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")
+    lines = []
+    for kind, *args in blocks:
+        if kind == "h":
+            lines += ["#" * args[0] + " " + args[1], ""]
+        elif kind == "p":
+            lines += [args[0], ""]
+        elif kind == "ul":
+            lines += [f"- {item}" for item in args[0]] + [""]
+        elif kind == "img":
+            lines += [f"![{args[1]}]({args[0]})", ""]
+        elif kind == "table":
+            header, rows = args
+            lines += ["| " + " | ".join(map(md_cell, header)) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(map(md_cell, row)) + " |" for row in rows] + [""]
+    return "\n".join(lines)
+
+
+def to_html(blocks: list, out: Path, title: str) -> str:
+    text = lambda v: re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(str(v)))
+    body = []
+    for kind, *args in blocks:
+        if kind == "h":
+            body.append(f"<h{args[0]}>{text(args[1])}</h{args[0]}>")
+        elif kind == "p":
+            body.append(f"<p>{text(args[0])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{text(item)}</li>" for item in args[0]) + "</ul>")
+        elif kind == "img":
+            data = base64.b64encode((out / args[0]).read_bytes()).decode("ascii")
+            body.append(f'<p><img src="data:image/png;base64,{data}" alt="{html.escape(args[1])}"></p>')
+        elif kind == "table":
+            header, rows = args
+            body.append("<table><tr>" + "".join(f"<th>{text(h)}</th>" for h in header) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{text(v)}</td>" for v in row) + "</tr>" for row in rows)
+                        + "</table>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
