@@ -142,11 +142,11 @@ def test_load_instructions_reads_file_and_applies_limit(tmp_path):
 
 
 def test_load_instructions_errors_name_file_and_line(tmp_path):
-    with pytest.raises(InputError, match="missing.jsonl: instructions file not found"):
+    with pytest.raises(InputError, match=r"missing.jsonl: instructions file \(eval.alpacaeval.instructions\) not found"):
         load_instructions(AlpacaEvalConfig(instructions=str(tmp_path / "missing.jsonl")))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "Say hi."}\n\n{"instruction": \n', encoding="utf-8")
-    with pytest.raises(InputError, match=r"bad.jsonl:3: not valid JSON"):
+    with pytest.raises(InputError, match=r"bad.jsonl:3: malformed JSON"):
         load_instructions(AlpacaEvalConfig(instructions=str(bad)))
     bad.write_text('{"instruction": "Say hi."}\n{"prompt": "Say hi."}\n', encoding="utf-8")
     with pytest.raises(InputError, match=r"bad.jsonl:2: expected \{\"instruction\""):

@@ -125,7 +125,7 @@ def test_pruned_vicuna_student_keeps_80_percent_of_the_layer_parameters(no_model
     assert student["params"] == pytest.approx(source["params"] - 0.2 * source["layer_params"], rel=0.001)
     assert "approximate" in student["params_from"]
     assert p["stages"][0]["stage"] == "prune"
-    assert any("chat template" in w for w in p["warnings"])  # Vicuna's tokenizer ships none
+    assert not any("chat template" in w for w in p["warnings"])  # the manifest gives Vicuna one
 
 
 @pytest.mark.parametrize("model,billions", [("lmsys/vicuna-7b-v1.5", 6.74), ("Qwen/Qwen2.5-7B-Instruct", 7.62),
@@ -214,3 +214,9 @@ def test_gpu_smoke_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "set -euo pipefail" in script.read_text(encoding="utf-8")
+
+
+def test_a_missing_chat_template_file_is_a_plan_problem(no_models, tmp_path):
+    vicuna = ROOT / "manifests" / "vicuna7b_pruned.yaml"
+    with pytest.raises(ManifestError, match="teacher.chat_template: .*nowhere.jinja not found"):
+        plan(load_manifest(vicuna, [f"teacher.chat_template={tmp_path / 'nowhere.jinja'}"]))

@@ -5,7 +5,7 @@ import pytest
 from dadpo_offline.errors import InputError
 from dadpo_offline.manifest import PromptsConfig, PromptSource
 from dadpo_offline.precompute.prompts import (benchmark_questions, builtin_prompts, collect_prompts,
-                                              hub_conversation, hub_prompts, read_jsonl)
+                                              hub_conversation, hub_prompts, read_prompts)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -22,15 +22,15 @@ from dadpo_offline.precompute.prompts import (benchmark_questions, builtin_promp
     (b'{"prompt": "x", "split": 3}\n', r"p.jsonl:1: field 'split' must be a string"),
     (b'\n\n', r"p.jsonl: no prompts in the file"),
 ])
-def test_read_jsonl_names_file_line_and_field(tmp_path, content, message):
+def test_read_prompts_names_file_line_and_field(tmp_path, content, message):
     path = tmp_path / "p.jsonl"
     path.write_bytes(content)
     with pytest.raises(InputError, match=message):
-        read_jsonl(path, "jsonl:p.jsonl")
+        read_prompts(path, "jsonl:p.jsonl")
 
 
-def test_read_jsonl_accepts_prompt_and_multi_turn(tmp_path, prompts_file):
-    prompts = read_jsonl(prompts_file, "jsonl:prompts.jsonl")
+def test_read_prompts_accepts_prompt_and_multi_turn(tmp_path, prompts_file):
+    prompts = read_prompts(prompts_file, "jsonl:prompts.jsonl")
     assert len(prompts) == 6
     assert prompts[2].messages[-1] == ("user", "Why that one?") and len(prompts[2].messages) == 3
     assert len({p.prompt_id for p in prompts}) == 6

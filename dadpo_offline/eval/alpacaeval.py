@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import InputError, JudgeError
+from ..jsonl import read_jsonl
 from ..manifest import AlpacaEvalConfig, JudgeConfig
 from .judge import Judge, judge_label
 
@@ -39,24 +40,16 @@ def load_instructions(config: AlpacaEvalConfig) -> list[dict]:
 
 
 def _read_jsonl(path: Path, need_output: bool) -> list[dict]:
-    if not path.is_file():
-        raise InputError(f"{path}: instructions file not found (eval.alpacaeval.instructions)")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON: {exc.msg}") from exc
+    for where, record in read_jsonl(path, "instructions file (eval.alpacaeval.instructions)"):
         text = record.get("instruction") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
-            raise InputError(f'{path}:{number}: expected {{"instruction": "non-empty text"[, "output": "text"]}}')
+            raise InputError(f'{where}: expected {{"instruction": "non-empty text"[, "output": "text"]}}')
         output = record.get("output")
         if not isinstance(output, (str, type(None))):
-            raise InputError(f"{path}:{number}: output: expected text, got {type(output).__name__}")
+            raise InputError(f"{where}: output: expected text, got {type(output).__name__}")
         if need_output and output is None:
-            raise InputError(f"{path}:{number}: no `output` to compare against (eval.alpacaeval.reference is 'file') "
+            raise InputError(f"{where}: no `output` to compare against (eval.alpacaeval.reference is 'file') "
                              "— add one or set eval.alpacaeval.reference=teacher")
         rows.append({"instruction": text, "output": output, "dataset": str(record.get("dataset", path.stem))})
     if not rows:

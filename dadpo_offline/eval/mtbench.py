@@ -7,7 +7,6 @@ the standard judge prompts and reference answers for math, reasoning and coding.
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..errors import InputError
+from ..jsonl import read_jsonl
 from ..manifest import MtBenchConfig
 from .answers import Question
 
@@ -71,31 +71,23 @@ def hub_data() -> Path:
     return Path(snapshot) / "data"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-    return records
-
-
 def load_data(config: MtBenchConfig) -> MtBenchData:
     folder, prompts_file = find_data(config)
-    questions = read_jsonl(folder / "question.jsonl")
-    for n, q in enumerate(questions, 1):
-        if not (isinstance(q.get("turns"), list) and q["turns"] and "question_id" in q and "category" in q):
-            raise InputError(f"{folder / 'question.jsonl'}:{n}: needs question_id, category and a list of turns")
-    judge_prompts = {p["name"]: p for p in read_jsonl(prompts_file)}
+    questions = []
+    for where, q in read_jsonl(folder / "question.jsonl", "MT-Bench questions"):
+        turns = q.get("turns") if isinstance(q, dict) else None
+        if not (isinstance(turns, list) and turns and {"question_id", "category"} <= q.keys()):
+            raise InputError(f"{where}: needs question_id, category and a list of turns")
+        questions.append(q)
+    judge_prompts = {p["name"]: p for _, p in read_jsonl(prompts_file, "MT-Bench judge prompts")}
     missing = {"single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn"} - judge_prompts.keys()
     if missing:
         raise InputError(f"{prompts_file}: judge prompts {', '.join(sorted(missing))} are missing")
     references = {}
     answer_file = folder / "reference_answer" / f"{config.reference_answers}.jsonl"
     if answer_file.is_file():
-        references = {str(r["question_id"]): r["choices"][0]["turns"] for r in read_jsonl(answer_file)}
+        references = {str(r["question_id"]): r["choices"][0]["turns"]
+                      for _, r in read_jsonl(answer_file, "MT-Bench reference answers")}
     if config.limit is not None:  # per category, so smoke runs still cover reference-graded ones
         kept, taken = [], defaultdict(int)
         for q in questions:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..cache.shards import canonical_json
 from ..errors import InputError
+from ..jsonl import read_jsonl
 from ..manifest import PromptsConfig, PromptSource
 
 ROLES = {"system", "user", "assistant"}
@@ -78,24 +79,8 @@ def record_to_prompt(record, where: str, source: str) -> Prompt:
     return make_prompt(messages, source, record.get("split", "train"), record.get("category", ""))
 
 
-def read_jsonl(path: Path, source: str) -> list[Prompt]:
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file not found")
-    prompts = []
-    with path.open("rb") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: invalid UTF-8 at byte {exc.start}") from exc
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
-            prompts.append(record_to_prompt(record, where, source))
+def read_prompts(path: Path, source: str) -> list[Prompt]:
+    prompts = [record_to_prompt(record, where, source) for where, record in read_jsonl(path, "prompt file")]
     if not prompts:
         raise InputError(f"{path}: no prompts in the file")
     return prompts
@@ -148,7 +133,7 @@ def load_source(source: PromptSource) -> list[Prompt]:
     if source.builtin is not None:
         prompts = builtin_prompts(source.builtin)
     elif source.jsonl is not None:
-        prompts = read_jsonl(Path(source.jsonl), f"jsonl:{Path(source.jsonl).name}")
+        prompts = read_prompts(Path(source.jsonl), f"jsonl:{Path(source.jsonl).name}")
     else:
         return hub_prompts(source)
     return prompts[: source.limit] if source.limit else prompts
