@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,8 +93,9 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
     if "winrate" in suites or "likelihood" in suites:
         questions["winrate"] = winrate.to_questions(e.winrate)
     if "alpacaeval" in suites:
-        questions["alpacaeval"] = [Question(f"{i:05d}", item.get("dataset") or "", ({"role": "user", "content": item["instruction"]},),
-                                            (), 0.0, e.alpacaeval.max_tokens) for i, item in enumerate(instructions)]
+        questions["alpacaeval"] = [Question(f"{i:05d}", item.get("dataset") or "",
+                                            ({"role": "user", "content": item["instruction"]},), (), 0.0,
+                                            e.alpacaeval.max_tokens) for i, item in enumerate(instructions)]
     start = time.perf_counter()
     answers, rows = {}, []
     if questions:
@@ -110,9 +112,12 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
         finally:
             engines.close()
     seconds = {"answers": round(time.perf_counter() - start, 1)}
-    with served_judge(e.judge, run_dir / "judge-server.log") as judge_config:
-        judge = Judge(judge_config, judged_suites[0]) if judged_suites else None
-        for suite in judged_suites + [s for s in suites if s == "lmeval"]:
+    judge = None
+    # the judge (a local server takes the GPU the answer engine gave back) only while judging
+    with served_judge(e.judge, run_dir / "judge-server.log") if judged_suites else nullcontext(e.judge) as judge_config:
+        if judged_suites:
+            judge = Judge(judge_config, judged_suites[0])
+        for suite in judged_suites:
             start = time.perf_counter()
             if suite == "mtbench":
                 requests = mtbench.judge_requests(bench, answers["mtbench"])
@@ -122,15 +127,17 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
                 requests = winrate.judge_requests(bench.judge_prompts, questions["winrate"], answers["winrate"], "teacher")
                 judgments = judged(cache, judge, suite, requests, winrate.parse_verdict, "judge winrate")
                 rows += winrate.aggregate(judgments, judge.label)
-            elif suite == "alpacaeval":
+            else:
                 rows += run_alpacaeval(e, judge_config, instructions, questions["alpacaeval"], answers["alpacaeval"],
                                        run_dir, cache.root / "alpacaeval" / "annotator")
-            elif suite == "lmeval":
-                from .lmeval import run_lmeval
-
-                rows += run_lmeval(e.lmeval, {name: resolve_model(m.model, m.revision) for name, m in models.items()},
-                                   run_dir, cache.root)
             seconds[suite] = round(time.perf_counter() - start, 1)
+    if "lmeval" in suites:
+        from .lmeval import run_lmeval
+
+        start = time.perf_counter()
+        rows += run_lmeval(e.lmeval, {name: resolve_model(m.model, m.revision) for name, m in models.items()},
+                           run_dir, cache.root)
+        seconds["lmeval"] = round(time.perf_counter() - start, 1)
     # 4. Results: files in the run folder, rows in the cache's eval_results view.
     refs = {name: m.model for name, m in models.items()}
     report = markdown_report(run_id, refs, judge.label if judge else None, rows)
