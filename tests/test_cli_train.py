@@ -118,3 +118,17 @@ def test_train_refuses_to_resume_a_run_made_with_other_settings(tiny_cache, tmp_
     assert "holds checkpoints of a run with other beta1" in refused.output and "--no-resume" in refused.output
     assert invoke(*common, "--beta1", 1.0, "--no-resume").exit_code == 0
     assert json.loads((tmp_path / "dadpo" / "run.json").read_text())["beta1"] == 1.0
+
+
+def test_a_finished_stage_is_skipped_only_when_rerun_with_the_same_settings(tiny_cache, tmp_path):
+    def train(*flags):
+        result = invoke("train", tiny_cache, "--stage", "sft", "--output-dir", tmp_path, *QUIET, *flags)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert train("--max-steps", 1)["steps"] == 1
+    again = train("--max-steps", 1)
+    assert again["skipped"] == "finished before with the same settings" and again["steps"] == 1
+    longer = train("--max-steps", 2)  # a smoke run is not the full run: continue it
+    assert "skipped" not in longer and longer["steps"] == 2
+    assert "skipped" not in train("--max-steps", 2, "--no-resume")

@@ -124,7 +124,8 @@ class EchoLogs(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in logs.items()}
+            # four significant digits, so that a learning rate of 5e-05 does not print as 0.0001
+            shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in logs.items()}
             print(f"step {state.global_step}: {shown}", file=sys.stderr, flush=True)
 
 
