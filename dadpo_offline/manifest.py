@@ -102,6 +102,11 @@ class TrainConfig:
     step0_max_token_gap: float = 0.05  # nats/token (mean |policy − cached reference|) above which training stops
 
 
+def effective_betas(loss: str, beta1: float, beta2: float) -> tuple[float, float]:
+    """The betas a named loss really uses (dDPO drops β2, rDPO β1): for training, logs, plans and reports."""
+    return {"dadpo": (beta1, beta2), "ddpo": (beta1, 0.0), "rdpo": (0.0, beta2)}[loss]
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     base_url: Optional[str] = None  # OpenAI-compatible endpoint: https://api.openai.com/v1 or a local `vllm serve` (…/v1)

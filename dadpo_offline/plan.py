@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .errors import DadpoError, ManifestError
-from .manifest import Manifest, PromptsConfig
+from .manifest import Manifest, PromptsConfig, effective_betas
 from .models import EMBEDDED_MODELS, EMBEDDED_PREFIX, user_cache_dir
 
 GB = 1e9
@@ -132,8 +132,9 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path, losses: list
          "memory": inference_memory(reference, m, scoring=True)},
         {"stage": "pairs", "what": "join prompts, generations and scores per shard (DuckDB, CPU)"}]
     for loss in losses:
-        betas = {"dadpo": f"β1={t.beta1}, β2={t.beta2}", "ddpo": f"β1={t.beta1}, β2=0", "rdpo": f"β1=0, β2={t.beta2}"}
-        out.append({"stage": f"train-{loss}", "model": "student", "what": f"{loss} from the dSFT student, {betas[loss]}, "
+        beta1, beta2 = effective_betas(loss, t.beta1, t.beta2)
+        out.append({"stage": f"train-{loss}", "model": "student", "what": f"{loss} from the dSFT student, "
+                    f"β1={beta1:g}, β2={beta2:g}, "
                     f"lr {t.learning_rate:g}" + steps(t.epochs), **tokens(*pair, t.epochs),
                     "memory": train_memory(student, m, sequences=2, length=m.prompts.max_prompt_tokens + max(tt, ts)),
                     "command": f"dadpo-offline train MANIFEST --stage dadpo --loss {loss}{use}"})

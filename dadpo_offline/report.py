@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 
 from .cache.index import INDEX_NAME, open_cache
 from .errors import DadpoError, InputError
+from .manifest import effective_betas
 from .eval.results import cell
 
 STAGES = ("sft", "ddpo", "dadpo", "rdpo")  # pipeline order
-BETA_MASK = {"dadpo": (1, 1), "ddpo": (1, 0), "rdpo": (0, 1)}  # which betas each loss uses (losses.effective_betas)
 MODEL_ORDER = ("student", "reference", "sft", "ddpo", "dadpo", "rdpo")  # then baselines, then the teacher
 COLUMNS = [  # (title, suite, metric) that lead the results table
     ("MT-Bench", "mtbench", "overall"), ("AlpacaEval win %", "alpacaeval", "win_rate"),
@@ -178,8 +178,7 @@ def ordered_models(rows: list[dict], summary: dict) -> list[str]:
 
 def betas(stage: str, settings: dict) -> tuple[float | None, float | None]:
     """The betas the stage's loss really used (ddpo drops β2, rdpo β1)."""
-    return tuple(None if settings.get(k) is None else settings[k] * used
-                 for k, used in zip(("beta1", "beta2"), BETA_MASK[stage]))
+    return effective_betas(stage, settings.get("beta1"), settings.get("beta2"))
 
 
 def plot_training(stages: dict[str, dict], path: Path) -> Path:

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dadpo_offline.train.losses import LOSSES, dadpo, effective_betas, mixed_reference
+from dadpo_offline.manifest import effective_betas
+from dadpo_offline.train.losses import LOSSES, dadpo, mixed_reference
 
 # policy, reference, teacher log-probs of chosen (w) and rejected (l) for one pair
 ONE = dict(policy_chosen=torch.tensor([-10.0]), policy_rejected=torch.tensor([-12.0]),

@@ -19,11 +19,11 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..errors import TrainError
-from ..manifest import Manifest
+from ..manifest import Manifest, effective_betas
 from .check import step0_check
 from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
-from .losses import LOSSES, effective_betas
+from .losses import LOSSES
 from ..cache.index import open_cache
 from .runs import (check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity, save_final,
                    settings_dict, stage_dir, training_arguments)

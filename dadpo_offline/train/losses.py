@@ -71,11 +71,6 @@ def rdpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, teacher_chose
 LOSSES: dict[str, Callable[..., PreferenceOutput]] = {"dadpo": dadpo, "ddpo": ddpo, "rdpo": rdpo}
 
 
-def effective_betas(loss: str, beta1: float, beta2: float) -> tuple[float, float]:
-    """The betas a named loss really uses, for logs and model cards."""
-    return {"dadpo": (beta1, beta2), "ddpo": (beta1, 0.0), "rdpo": (0.0, beta2)}[loss]
-
-
 def mixed_reference(ref_logp: torch.Tensor, teacher_logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
     """m = (β1·ref + β2·te)/(β1+β2): daDPO equals DPO with β = β1+β2 against this reference."""
     return (beta1 * ref_logp.double() + beta2 * teacher_logp.double()) / (beta1 + beta2)
