@@ -228,11 +228,11 @@ def eval_command(manifest, overrides, suites, models, only, output_dir):
       dadpo-offline eval m.yaml --suite lmeval --model base=Qwen/Qwen2.5-1.5B-Instruct --only student,base
     """
     from .eval.run import evaluate
+    from .manifest import EVAL_SUITES
 
     chosen = [s.strip() for s in suites.split(",") if s.strip()] if suites else None
-    known = ("mtbench", "alpacaeval", "winrate", "lmeval", "likelihood")
-    if chosen and any(s not in known for s in chosen):
-        raise click.BadParameter(f"{suites!r}: choose from {', '.join(known)}", param_hint="--suite")
+    if chosen and any(s not in EVAL_SUITES for s in chosen):
+        raise click.BadParameter(f"{suites!r}: choose from {', '.join(EVAL_SUITES)}", param_hint="--suite")
     extra = {}
     for item in models:
         name, sep, ref = item.partition("=")

