@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .errors import InputError, ModelError
 from .models import resolve_model
 from .precompute.chat import load_chat_format
+from .precompute.engines import cuda_available, resolve_dtype
 from .precompute.prompts import builtin_prompts
 
 REPORT = "prune.json"
@@ -44,11 +45,11 @@ def prune_model(source: str, ratio: float, out: Path, calibration_prompts: int =
     from transformers import AutoModelForCausalLM
 
     chat = load_chat_format(model_ref, chat_template=chat_template)  # saved with the pruned model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if cuda_available() else "cpu"
     tqdm.write(f"loading {source} ({device}) to rank its decoder layers", file=sys.stderr)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_ref.path, revision=model_ref.load_revision, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+            model_ref.path, revision=model_ref.load_revision, dtype=getattr(torch, resolve_dtype("auto"))
         ).to(device).eval()
     except (OSError, ValueError) as exc:
         raise ModelError(f"transformers could not load {source}: {str(exc).splitlines()[0]}") from exc

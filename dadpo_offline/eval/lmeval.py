@@ -24,6 +24,7 @@ from ..cache.shards import file_sha256, fingerprint
 from ..errors import InputError
 from ..manifest import LmEvalConfig
 from ..models import ResolvedModel
+from ..precompute.engines import cuda_available, resolve_dtype
 from .results import atomic_text
 
 LOCAL_SUFFIX = "_local"
@@ -48,11 +49,9 @@ class TaskGroup:
 
 def run_lmeval(config: LmEvalConfig, models: dict[str, ResolvedModel], out_dir: Path, cache_dir: Path) -> list[dict]:
     """Run config.tasks on every model; return result rows."""
-    import torch
-
     data_digests = data_file_digests(config)
     groups = group_tasks(config)
-    dtype, device = ("bfloat16", "cuda") if torch.cuda.is_available() else ("float32", "cpu")
+    dtype, device = resolve_dtype("auto"), "cuda" if cuda_available() else "cpu"
     result_paths = {(name, group): cache_dir / "lmeval" /
                     f"{group_fingerprint(model, group, dtype, config, data_digests)}.json"
                     for name, model in models.items() for group in groups}
