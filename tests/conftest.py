@@ -1,16 +1,46 @@
 """Shared fixtures: real models (embedded SmolLM2, a tiny model with its own tokenizer), real caches.
 
-Every test runs offline: a hub miss would otherwise retry for ~40 s.
+Every test runs offline (a hub miss would otherwise retry for ~40 s) and in a fresh, empty home:
+HOME, the XDG folders and every cache that a library keeps there (ours, Hugging Face, vLLM,
+matplotlib, torch) point into one temporary folder made for this session and removed after it.
+So each session pays every first-use cost a new user pays — converting the embedded model, the
+font cache, vLLM's and datasets' caches — once, and no test reads or writes the user's own cache.
+This must run before anything imports those libraries: they read the variables at import.
 """
 import json
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="dadpo-offline-tests-"))
+FRESH_HOME_ENV = {
+    "HOME": SESSION_HOME / "home",
+    "XDG_CACHE_HOME": SESSION_HOME / "cache",
+    "XDG_CONFIG_HOME": SESSION_HOME / "config",
+    "XDG_DATA_HOME": SESSION_HOME / "data",
+    "DADPO_OFFLINE_HOME": SESSION_HOME / "cache" / "dadpo-offline",
+    "HF_HOME": SESSION_HOME / "cache" / "huggingface",
+    "VLLM_CACHE_ROOT": SESSION_HOME / "cache" / "vllm",
+    "MPLCONFIGDIR": SESSION_HOME / "config" / "matplotlib",
+    "TORCHINDUCTOR_CACHE_DIR": SESSION_HOME / "cache" / "torchinductor",
+}
+for name, folder in FRESH_HOME_ENV.items():
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ[name] = str(folder)
+for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "TRITON_CACHE_DIR",
+             "TIKTOKEN_CACHE_DIR", "NLTK_DATA"):  # finer overrides would point back into a user's caches
+    os.environ.pop(name, None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(SESSION_HOME, ignore_errors=True)
 
 from dadpo_offline.manifest import load_manifest
 

