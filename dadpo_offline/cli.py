@@ -299,7 +299,9 @@ def sql(cache_dir, query, params, fmt, output):
     """Run a read-only SQL query over the cache's views (prompts, generations, scores, pairs).
 
     \b
-    Statements that would write (INSERT, COPY, ATTACH, ...) are refused.
+    One SELECT (DESCRIBE, SUMMARIZE, SHOW, VALUES included) or EXPLAIN [ANALYZE] of
+    one runs; anything else is refused. The connection is read-only and reads only
+    files inside the cache folder.
 
     \b
     Example:

@@ -1,11 +1,15 @@
 """`dadpo-offline sql` and `cache status`: output formats, read-only, exit codes."""
 import csv
+import hashlib
 import io
 import json
 
+import duckdb
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
+from dadpo_offline.cache import open_cache
 from dadpo_offline.cli import main
 
 QUERY = "SELECT prompt_id, chosen_tokens, teacher_chosen_logp FROM pairs ORDER BY prompt_id"
@@ -57,3 +61,63 @@ def test_cache_status_lists_every_stage(small_cache):
                            "pairs"}
     assert active["score-teacher"]["done"] == active["score-teacher"]["n_shards"] == 3
     assert active["score-teacher"]["rows"] == 12
+
+
+def tree_hashes(*folders):
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for folder in folders for f in sorted(folder.rglob("*"))
+            if f.is_file()}
+
+
+# every way DuckDB offers to write: COPY, EXPLAIN ANALYZE of a writing statement (which runs it), ATTACH,
+# INSTALL/LOAD, SET of file settings, EXPORT, table functions that run SQL, DDL/DML, several statements
+WRITES = [
+    "COPY (SELECT * FROM pairs) TO '{out}/a.parquet'",
+    "COPY pairs TO '{out}/b.csv'",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}/c.csv'",
+    "EXPLAIN ANALYZE COPY (SELECT 1 AS prompt_id) TO '{shard}' (FORMAT parquet)",
+    "explain  analyse\nCOPY (SELECT 1) TO '{out}/d.csv'",
+    "/* first */ EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}/e.csv'",
+    "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+    "EXPLAIN ANALYZE INSERT INTO meta VALUES ('a', 'b')",
+    "EXPLAIN EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}/f.csv'",
+    "ATTACH '{out}/g.duckdb' AS other",
+    "INSTALL httpfs", "LOAD parquet", "FORCE INSTALL json",
+    "SET enable_external_access = true", "SET log_query_path = '{out}/h.log'", "SET temp_directory = '{out}'",
+    "RESET lock_configuration",
+    "EXPORT DATABASE '{out}/export'", "CHECKPOINT", "VACUUM",
+    "SELECT * FROM query('COPY (SELECT 1) TO ''{out}/i.csv''')",
+    "CREATE TABLE t AS SELECT 1", "UPDATE meta SET value = 'x'", "DELETE FROM shards",
+    "CREATE OR REPLACE VIEW pairs AS SELECT 1",
+    "SELECT 1; COPY (SELECT 1) TO '{out}/j.csv'",
+    "PRAGMA enable_profiling = 'json'",
+]
+
+
+@pytest.mark.parametrize("statement", WRITES)
+def test_sql_cannot_write_anything_anywhere(small_cache, tmp_path, statement):
+    shard = sorted((small_cache / "pairs").rglob("shard-*.parquet"))[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    before = tree_hashes(small_cache, out)
+    result = invoke("sql", small_cache, statement.format(out=out, shard=shard))
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and len(result.output.splitlines()) == 1, \
+        result.output
+    assert tree_hashes(small_cache, out) == before
+    assert not any(out.iterdir())
+
+
+def test_sql_explain_analyze_of_a_select_still_runs(small_cache):
+    result = invoke("sql", small_cache, "EXPLAIN ANALYZE SELECT count(*) FROM pairs", "-f", "json")
+    assert result.exit_code == 0 and "analyzed_plan" in result.output
+
+
+def test_read_only_connections_are_confined_by_duckdb_itself(small_cache, tmp_path):
+    """The second layer, without sql's allow-list: DuckDB refuses files outside the cache, extensions, settings."""
+    with open_cache(small_cache).connect(read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM pairs").fetchone() == (6,)
+        for statement in [f"COPY (SELECT 1) TO '{tmp_path}/x.csv'", "SELECT * FROM read_text('/etc/hostname')",
+                          "SET enable_external_access = true", "LOAD httpfs",
+                          f"ATTACH '{tmp_path}/y.duckdb' AS y"]:
+            with pytest.raises(duckdb.Error):
+                con.execute(statement)
+    assert not any(tmp_path.iterdir())

@@ -30,6 +30,7 @@ from .shards import ShardFile, file_sha256, read_shard, shard_metadata, shard_pa
 INDEX_NAME = "index.duckdb"
 FORMAT_VERSION = "1"
 LOCK_WAIT_S = 300
+NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 REGISTRY_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -83,11 +84,20 @@ class CacheIndex:
 
     @contextmanager
     def connect(self, read_only: bool = False):
-        """A short-lived connection; waits (with jitter) while another job holds the write lock."""
+        """A short-lived connection; waits (with jitter) while another job holds the write lock.
+
+        A read-only one is also confined by DuckDB's own controls: files only inside the cache
+        folder, no extensions, settings locked. So even a statement that slipped past `sql`'s
+        allow-list could neither write outside the cache nor turn the controls off.
+        """
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
-                con = duckdb.connect(str(self.index_path), read_only=read_only)
+                con = duckdb.connect(str(self.index_path), read_only=read_only, config=NO_EXTENSIONS)
+                if read_only:
+                    con.execute("SET allowed_directories = ?", [[f"{self.root}/"]])
+                    con.execute("SET enable_external_access = false")
+                    con.execute("SET lock_configuration = true")
                 break
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:

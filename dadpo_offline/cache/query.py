@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,12 +14,27 @@ import pyarrow.parquet as pq
 from ..errors import DadpoError
 from .index import open_cache
 
-READ_STATEMENTS = {"SELECT", "EXPLAIN"}
+EXPLAIN_PREFIX = re.compile(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+)?", re.IGNORECASE)
 
 
 def run_query(cache_dir: str | Path, query: str, params: list | None = None) -> pa.Table:
-    """Run one read-only statement; anything that could write (INSERT, COPY, ATTACH, SET ...) is refused."""
+    """Run one statement that can only read: a SELECT (DESCRIBE, SUMMARIZE, SHOW and VALUES are
+    SELECTs to DuckDB) or an EXPLAIN [ANALYZE] of one. Everything else is refused before it runs;
+    the connection itself is read-only and confined to the cache folder (CacheIndex.connect)."""
     cache = open_cache(cache_dir)
+    statement = _only_statement(query)
+    if statement != "SELECT":
+        raise DadpoError(f"refused: {statement} statements are not plain reads; the sql command runs only SELECT "
+                         "(with DESCRIBE, SUMMARIZE, SHOW, VALUES) or EXPLAIN [ANALYZE] SELECT")
+    with cache.connect(read_only=True) as con:
+        try:
+            return arrow_table(con.sql(query, params=params or None))
+        except duckdb.Error as exc:
+            raise DadpoError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+
+
+def _only_statement(query: str) -> str:
+    """The kind of the single statement in `query`; an EXPLAIN of a SELECT counts as a SELECT."""
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
@@ -26,13 +42,15 @@ def run_query(cache_dir: str | Path, query: str, params: list | None = None) -> 
     if len(statements) != 1:
         raise DadpoError(f"give exactly one SQL statement (got {len(statements)})")
     kind = statements[0].type.name
-    if kind not in READ_STATEMENTS:
-        raise DadpoError(f"refused: {kind} statements could write; the sql command only reads")
-    with cache.connect(read_only=True) as con:
-        try:
-            return arrow_table(con.sql(query, params=params or None))
-        except duckdb.Error as exc:
-            raise DadpoError(f"SQL error: {str(exc).splitlines()[0]}") from exc
+    if kind != "EXPLAIN":
+        return kind
+    prefix = EXPLAIN_PREFIX.match(query)
+    explained = query[prefix.end():] if prefix else ""
+    try:  # EXPLAIN ANALYZE runs what it explains: that must be a read too
+        inner = duckdb.extract_statements(explained)
+    except duckdb.Error:
+        inner = []
+    return "SELECT" if [s.type.name for s in inner] == ["SELECT"] else "EXPLAIN"
 
 
 def arrow_table(relation) -> pa.Table:
