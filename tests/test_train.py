@@ -126,41 +126,93 @@ def test_step0_check_fires_on_a_wrong_reference(tiny_cache, smollm2_dir, tmp_pat
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
+    import transformers.trainer as trainer_module
     from transformers import TrainerCallback
     from dadpo_offline.manifest import load_manifest
     from dadpo_offline.train.dpo import train_dadpo
+    from dadpo_offline.train.sft import train_sft
+
+    stage, moment, manifest, *overrides = sys.argv[1:]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 
     class KillAtStep3(TrainerCallback):  # checkpoint-2 is complete, step 3 is done but not saved
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
+                die()
 
-    train_dadpo(load_manifest(sys.argv[1], sys.argv[2:]), callbacks=[KillAtStep3()], quiet=True)
+    if moment == "folder-appears":  # checkpoint-4/ has just been created, nothing in it yet
+        makedirs = trainer_module.os.makedirs
+        def makedirs_then_die(path, *args, **kwargs):
+            makedirs(path, *args, **kwargs)
+            if str(path).endswith("checkpoint-4"):
+                die()
+        trainer_module.os.makedirs = makedirs_then_die
+    elif moment == "before-state":  # weights, optimiser, scheduler and RNG of checkpoint-4 written, state not yet
+        save_to_json = trainer_module.TrainerState.save_to_json
+        def save_then_die(self, path):
+            if "checkpoint-4" in str(path):
+                die()
+            save_to_json(self, path)
+        trainer_module.TrainerState.save_to_json = save_then_die
+    callbacks = [KillAtStep3()] if moment == "step-3" else []
+    train = {"sft": train_sft, "dadpo": train_dadpo}[stage]
+    train(load_manifest(manifest, overrides), callbacks=callbacks, quiet=True)
 """)
 
+RESUME_SETTINGS = ["train.report_to=[]", "train.learning_rate=0.001", "train.sft_learning_rate=0.001",
+                   "train.warmup_ratio=0.25", "train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=6",
+                   "train.save_steps=2", "train.save_total_limit=5", "train.step0_pairs=2", "train.logging_steps=5"]
 
-def test_resume_after_kill_reaches_the_uninterrupted_final_state(tiny_cache, tmp_path):
-    """4 steps of 4 pairs (crossing an epoch: 12 pairs = 3 steps), linear schedule with warmup,
-    checkpoint every 2 steps; kill -9 during step 4's run-up, rerun, compare the final weights."""
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_cache, tmp_path_factory):
+    """The reference runs: 6 steps of 4 pairs (crossing an epoch: 12 pairs = 3 steps), linear schedule
+    with warmup, a checkpoint every 2 steps, the loss logged at step 1 and 5 (and at each save)."""
+    from dadpo_offline.train.sft import train_sft
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    m = load_manifest(tiny_cache, RESUME_SETTINGS + [f"train.output_dir={out}"])
+    return {"sft": train_sft(m, quiet=True), "dadpo": train_dadpo(m, quiet=True)}
+
+
+@pytest.mark.parametrize("stage, moment, resumes_from", [
+    ("dadpo", "step-3", "checkpoint-2"),  # a kill between checkpoints
+    ("dadpo", "folder-appears", "checkpoint-2"),  # kills during the save of checkpoint-4
+    ("dadpo", "before-state", "checkpoint-2"),
+    ("sft", "before-state", "checkpoint-2"),
+    ("sft", "folder-appears", "checkpoint-2"),
+])
+def test_resume_after_kill_reaches_the_uninterrupted_final_state(tiny_cache, tmp_path, capfd, uninterrupted, stage,
+                                                                 moment, resumes_from):
+    """kill -9, rerun, compare with the uninterrupted run: final weights, last logged loss and the
+    whole-run train_loss. A checkpoint the kill left half-written is removed with one line."""
     from safetensors.torch import load_file
 
-    settings = ["train.report_to=[]", "train.learning_rate=0.001", "train.warmup_ratio=0.25", "train.batch_size=4",
-                "train.micro_batch_size=2", "train.max_steps=4", "train.save_steps=2", "train.step0_pairs=2"]
-    straight = train_dadpo(load_manifest(tiny_cache, settings + [f"train.output_dir={tmp_path / 'a'}"]), quiet=True)
-    killed = settings + [f"train.output_dir={tmp_path / 'b'}"]
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_cache), *killed], capture_output=True, text=True)
+    from dadpo_offline.train.sft import train_sft
+
+    killed = RESUME_SETTINGS + [f"train.output_dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-c", KILLER, stage, moment, str(tiny_cache), *killed], capture_output=True,
+                          text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (tmp_path / "b" / "dadpo" / "checkpoint-2").is_dir()
-    assert not (tmp_path / "b" / "dadpo" / "model.safetensors").exists()
-    resumed = train_dadpo(load_manifest(tiny_cache, killed), quiet=True)
-    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
-    a, b = load_file(tmp_path / "a" / "dadpo" / "model.safetensors"), load_file(tmp_path / "b" / "dadpo" / "model.safetensors")
+    out = tmp_path / stage
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert (out / "checkpoint-4").is_dir() == (moment != "step-3")
+    assert not (out / "model.safetensors").exists()
+    resumed = {"sft": train_sft, "dadpo": train_dadpo}[stage](load_manifest(tiny_cache, killed), quiet=True)
+    assert resumed["resumed_from"].endswith(resumes_from) and resumed["steps"] == 6
+    if moment != "step-3":
+        assert (f"{stage}/checkpoint-4 is incomplete (the run stopped while saving it): removed"
+                in capfd.readouterr().err)
+    straight = uninterrupted[stage]
+    a = load_file(tmp_path / stage / "model.safetensors")
+    b = load_file(straight["output_dir"] + "/model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
     assert resumed["history"][-1]["loss"] == pytest.approx(straight["history"][-1]["loss"], rel=1e-5)
-    moved = load_file(tmp_path / "a" / "dadpo" / "checkpoint-2" / "model.safetensors")
-    assert any(not torch.equal(moved[n], a[n]) for n in a)  # steps 3-4 did change the weights
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
+    moved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(moved[n], a[n]) for n in a)  # steps 3-6 did change the weights
 
 
 def test_sft_examples_are_the_ids_the_reference_was_scored_on(tiny_cache):

@@ -25,8 +25,8 @@ from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
 from .losses import LOSSES
 from ..cache.index import open_cache
-from .runs import (check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity, save_final,
-                   settings_dict, stage_dir, training_arguments)
+from .runs import (LogAtSave, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
+                   save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
 
 METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/chosen", "rewards/rejected",
            "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
@@ -152,12 +152,14 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     args = training_arguments(t, output, t.learning_rate, t.epochs)
     trainer = DadpoTrainer(model=model, args=args, train_dataset=RowDataset(pairs), data_collator=PairCollator(pad_id),
                            processing_class=tokenizer, loss_name=t.loss, beta1=beta1, beta2=beta2,
-                           callbacks=[FiniteGradients()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
+                           callbacks=[FiniteGradients(), LogAtSave()] + ([] if quiet else [EchoLogs()])
+                           + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
     check = Step0Check(trainer, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init, quiet)
     trainer.add_callback(check)
     resume_from = resume_checkpoint(output, t.resume, identity)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    train_loss = whole_run_loss(trainer.state, result.training_loss, resume_from)
     report = check.report
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
     card = {"stage": t.loss, "title": f"{t.loss} student from {init}",
@@ -165,7 +167,7 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
                        "responses, rejected = student responses; reference and teacher log-probs read from the cache.",
             "data": {"cache_dir": manifest.cache_dir, "pairs": len(pairs), "split": "train"},
             "settings": settings_dict(t), "metrics": history[-1] if history else {}}
-    save_final(trainer, tokenizer, manifest, output, card)
+    save_final(trainer, tokenizer, manifest, output, card, train_loss)
     return {"output_dir": str(output), "steps": trainer.state.global_step, "pairs": len(pairs),
-            "train_loss": result.training_loss, "resumed_from": resume_from,
+            "train_loss": train_loss, "resumed_from": resume_from,
             "step0": report.__dict__ if report else None, "history": history}

@@ -10,10 +10,14 @@ import dataclasses
 import datetime
 import json
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from ..errors import ModelError, TrainError
 from ..manifest import Manifest, TrainConfig, write_resolved
@@ -98,15 +102,13 @@ def run_identity(stage: str, data_fingerprint: str, start_model: str, t: TrainCo
 
 
 def resume_checkpoint(output: Path, resume: bool, identity: dict) -> str | None:
-    """The newest checkpoint to continue from, refused when it belongs to a run with other settings.
+    """The newest complete checkpoint to continue from, refused when it belongs to a run with other settings.
 
-    Without this, a sweep (--beta1 0.1, then --beta1 1.0) into one folder would "resume" the
+    Without the refusal, a sweep (--beta1 0.1, then --beta1 1.0) into one folder would "resume" the
     finished first run, do no step, and save its weights under the second run's settings.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     record = output / "run.json"
-    checkpoint = get_last_checkpoint(str(output)) if resume and output.is_dir() else None
+    checkpoint = last_complete_checkpoint(output) if resume and output.is_dir() else None
     if checkpoint is not None and record.is_file():
         before = json.loads(record.read_text(encoding="utf-8"))
         changed = sorted(k for k in before.keys() | identity.keys() if before.get(k) != identity.get(k))
@@ -116,6 +118,59 @@ def resume_checkpoint(output: Path, resume: bool, identity: dict) -> str | None:
     output.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(identity, indent=1, sort_keys=True), encoding="utf-8")
     return checkpoint
+
+
+def checkpoint_step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint holding a readable one for its own step is whole."""
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return state.get("global_step") == checkpoint_step(folder)
+
+
+def last_complete_checkpoint(output: Path) -> str | None:
+    """The newest complete checkpoint-N folder. Newer ones that a kill left half-written are removed
+    (the resumed run writes them again), each named in one line on stderr."""
+    folders = [f for f in output.iterdir() if f.is_dir() and re.fullmatch(r"checkpoint-\d+", f.name)]
+    for folder in sorted(folders, key=checkpoint_step, reverse=True):
+        if checkpoint_complete(folder):
+            return str(folder)
+        if int(os.environ.get("RANK", "0")) == 0:  # one process removes it; the others only skip it
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"{output.name}/{folder.name} is incomplete (the run stopped while saving it): removed; "
+                  "resuming from the previous complete checkpoint, if any", file=sys.stderr, flush=True)
+    return None
+
+
+class LogAtSave(TrainerCallback):
+    """Log the loss at every checkpoint step, so that a resumed run's log covers every step before it."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+
+def whole_run_loss(state, training_loss: float, resumed_from: str | None) -> float:
+    """Mean loss over every step of the run, resumed or not.
+
+    The Trainer's own figure averages only the steps of the current call; the steps before a
+    resume are in the restored log history, which LogAtSave makes reach the checkpoint's step.
+    """
+    if resumed_from is None:
+        return training_loss
+    start = checkpoint_step(Path(resumed_from))
+    before, logged = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry["step"] <= start:
+            before += entry["loss"] * (entry["step"] - logged)
+            logged = entry["step"]
+    after = state.global_step - start
+    return (before + training_loss * after) / max(logged + after, 1)
 
 
 def finished_run(output: Path, identity: dict, t: TrainConfig, history_key: str) -> dict | None:
@@ -131,18 +186,20 @@ def finished_run(output: Path, identity: dict, t: TrainConfig, history_key: str)
         same = json.loads(record.read_text(encoding="utf-8")) == json.loads(json.dumps(identity, sort_keys=True))
         if same and logged.get("requested_max_steps") == t.max_steps:
             history = [h for h in logged["log_history"] if history_key in h]
-            summary = next((h for h in reversed(logged["log_history"]) if "train_loss" in h), {})
-            return {"output_dir": str(output), "steps": logged["global_step"], "train_loss": summary.get("train_loss"),
+            trainer_summary = next((h for h in reversed(logged["log_history"]) if "train_loss" in h), {})  # older runs
+            return {"output_dir": str(output), "steps": logged["global_step"],
+                    "train_loss": logged.get("train_loss", trainer_summary.get("train_loss")),
                     "resumed_from": None, "history": history, "skipped": "finished before with the same settings"}
     state.unlink(missing_ok=True)
     return None
 
 
-def save_final(trainer, tokenizer, manifest: Manifest, output: Path, card: dict) -> None:
+def save_final(trainer, tokenizer, manifest: Manifest, output: Path, card: dict, train_loss: float) -> None:
     """Model + tokenizer (with chat template) + training log + resolved manifest + model card, in the stage folder."""
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
-        state = dataclasses.asdict(trainer.state) | {"requested_max_steps": manifest.train.max_steps}
+        state = dataclasses.asdict(trainer.state) | {"requested_max_steps": manifest.train.max_steps,
+                                                     "train_loss": train_loss}
         (output / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")  # `report` plots it
         tokenizer.save_pretrained(str(output))
         write_resolved(manifest, output / "manifest.yaml")

@@ -17,8 +17,8 @@ from ..precompute.chat import load_chat_format
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
 from ..cache.index import open_cache
-from .runs import (check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity, save_final,
-                   settings_dict, stage_dir, training_arguments)
+from .runs import (LogAtSave, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
+                   save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
 
 
 def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
@@ -38,10 +38,11 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
     args = training_arguments(t, output, t.sft_learning_rate, t.sft_epochs)
     trainer = Trainer(model=model, args=args, train_dataset=RowDataset(examples), data_collator=SftCollator(pad_id),
                       processing_class=tokenizer,
-                      callbacks=[FiniteGradients()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
+                      callbacks=[FiniteGradients(), LogAtSave()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
     resume_from = resume_checkpoint(output, t.resume, identity)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    train_loss = whole_run_loss(trainer.state, result.training_loss, resume_from)
     tokens = sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)
     history = [h for h in trainer.state.log_history if "loss" in h]
     card = {"stage": "dsft", "title": f"dSFT of {manifest.student.model} on {manifest.teacher.model}",
@@ -52,6 +53,6 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
                      "response_tokens": tokens, "split": "train"},
             "settings": {k: v for k, v in settings_dict(t).items() if not k.startswith(("beta", "step0", "loss"))},
             "metrics": history[-1] if history else {}}
-    save_final(trainer, tokenizer, manifest, output, card)
+    save_final(trainer, tokenizer, manifest, output, card, train_loss)
     return {"output_dir": str(output), "steps": trainer.state.global_step, "examples": len(examples),
-            "train_loss": result.training_loss, "resumed_from": resume_from, "history": history}
+            "train_loss": train_loss, "resumed_from": resume_from, "history": history}
