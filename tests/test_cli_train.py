@@ -1,5 +1,7 @@
 """`dadpo-offline train`: exit codes, stdout summary, outputs; the dSFT model loads in transformers and vLLM."""
+import hashlib
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -132,3 +134,50 @@ def test_a_finished_stage_is_skipped_only_when_rerun_with_the_same_settings(tiny
     longer = train("--max-steps", 2)  # a smoke run is not the full run: continue it
     assert "skipped" not in longer and longer["steps"] == 2
     assert "skipped" not in train("--max-steps", 2, "--no-resume")
+
+
+def tree_hashes(folder):
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def cache_copy(tiny_cache, tmp_path):
+    """A private copy of the tiny cache and its manifest, for a test to damage."""
+    from dadpo_offline.manifest import load_manifest
+
+    original = load_manifest(tiny_cache).cache_dir
+    shutil.copytree(original, tmp_path / "cache")
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(tiny_cache.read_text().replace(str(original), str(tmp_path / "cache")))
+    assert invoke("cache", "status", tmp_path / "cache").exit_code == 0  # the first open of a moved copy settles its views
+    return manifest, tmp_path / "cache"
+
+
+@pytest.mark.parametrize("stage, damage, stage_dir", [
+    ("sft", "truncate", "generate-teacher"), ("sft", "delete", "generate-student"),
+    ("dadpo", "truncate", "pairs"), ("dadpo", "delete", "pairs"), ("dadpo", "overwrite", "score-reference"),
+])
+def test_train_on_a_damaged_cache_names_the_shard_and_the_repair(cache_copy, tmp_path, stage, damage, stage_dir):
+    """Registered shards checked against their recorded size and checksum before training reads them:
+    one Error line naming the shard, `cache verify` and the precompute step, nothing written anywhere."""
+    manifest, cache = cache_copy
+    shard = sorted((cache / stage_dir).rglob("shard-00000.parquet"))[0]
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif damage == "delete":
+        shard.unlink()
+    else:  # same size, other bytes
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    before = tree_hashes(cache)
+    result = invoke("train", manifest, "--stage", stage, "--output-dir", tmp_path / "out", "--max-steps", 1, *QUIET)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors == result.output.strip().splitlines()[-1:]
+    producer = "generate" if stage == "sft" else "score"
+    assert errors[0].startswith(f"Error: damaged cache: {stage_dir} shard 0 ")
+    assert f"dadpo-offline cache verify {cache}" in errors[0]
+    assert f"dadpo-offline precompute MANIFEST --stage {producer}" in errors[0]
+    assert tree_hashes(cache) == before
+    assert not (tmp_path / "out" / stage / "model.safetensors").exists()

@@ -170,6 +170,14 @@ class CacheIndex:
             raise CacheError(f"the active {stage} shards were built from older {', '.join(stale)} shards — {command}")
         return fingerprint
 
+    def check_intact(self, views: list[str], repair: str) -> None:
+        """Refuse to read `views` while one of their active shards is missing or damaged: a reader
+        names the shard and the repair instead of failing inside DuckDB."""
+        damaged = self.verify([stage for view in views for stage in VIEW_STAGES[view]])
+        if damaged:
+            raise CacheError(f"damaged cache: {damaged[0]} — list every damaged shard with: "
+                             f"dadpo-offline cache verify {self.root}; rebuild with: {repair}")
+
     def intact_shards(self, stage: str, fp: str, todo: list[int], force: bool) -> set[int]:
         """Shards that need no work: registered and intact, or complete on disk but not yet registered."""
         if force:
@@ -240,11 +248,16 @@ class CacheIndex:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row)) for row in cursor.fetchall()]
 
-    def verify(self) -> list[str]:
-        """Every registered shard: present, same size and checksum, readable, right fingerprint."""
-        problems = []
+    def verify(self, stages: list[str] | None = None) -> list[str]:
+        """Every registered shard (or the active ones of `stages`): present, same size and checksum,
+        readable, right fingerprint. One line per problem."""
+        query = ("SELECT s.stage, s.fingerprint, s.shard, s.path, s.bytes, s.sha256 FROM shards s "
+                 "JOIN stages t USING (stage, fingerprint)")
+        if stages is not None:
+            query += " WHERE t.active AND s.stage IN (SELECT unnest(?))"
         with self.connect(read_only=True) as con:
-            rows = con.execute("SELECT stage, fingerprint, shard, path, bytes, sha256 FROM shards ORDER BY ALL").fetchall()
+            rows = con.execute(query + " ORDER BY ALL", [stages] if stages is not None else []).fetchall()
+        problems = []
         for stage, fp, shard, rel, size, sha in rows:
             problem = shard_problem(self.root / rel, size, sha, stage, fp)
             if problem:

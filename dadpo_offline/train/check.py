@@ -39,6 +39,7 @@ class Step0Report:
 def cached_reference_sequences(cache_dir: str, pairs: int) -> tuple[list[dict], str]:
     """Both sides of the first `pairs` train pairs, as the reference scorer stored them."""
     cache = open_cache(cache_dir)
+    cache.check_intact(["scores"], "dadpo-offline precompute MANIFEST --stage score")
     with cache.connect(read_only=True) as con:
         rows = con.execute("""
             SELECT s.input_ids, s.prompt_len, s.token_logprobs, s.logprob

@@ -47,6 +47,7 @@ def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -
     """Every trainable pair of `split`, in a fixed order (the Trainer's seeded sampler shuffles)."""
     cache = open_cache(cache_dir)
     cache.ready_fingerprint("pairs", "score")
+    cache.check_intact(["pairs"], "dadpo-offline precompute MANIFEST --stage score")
     query = (f"SELECT {', '.join(PAIR_COLUMNS)} FROM pairs WHERE split = ? ORDER BY prompt_id, sample"
              + (" LIMIT ?" if limit else ""))
     with cache.connect(read_only=True) as con:
@@ -80,6 +81,7 @@ def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list
     """
     cache = open_cache(cache_dir)
     cache.ready_fingerprint("generate-teacher", "generate")
+    cache.check_intact(["prompts", "generations"], "dadpo-offline precompute MANIFEST --stage generate")
     with cache.connect(read_only=True) as con:
         row = con.execute("SELECT settings FROM stages WHERE stage = 'generate-teacher' AND active").fetchone()
         rows = con.execute(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from transformers import PrinterCallback, Trainer
 
 from ..manifest import Manifest
+from ..models import resolve_model
 from ..precompute.chat import load_chat_format
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
@@ -30,10 +31,11 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
     done = finished_run(output, identity, t, "loss")
     if done:
         return done
-    model, tokenizer, resolved = load_causal_lm(manifest.student.model, manifest.student.revision)
-    fmt = load_chat_format(resolved, manifest.student.end_of_turn, manifest.student.chat_template)
+    fmt = load_chat_format(resolve_model(manifest.student.model, manifest.student.revision),
+                           manifest.student.end_of_turn, manifest.student.chat_template)
+    examples = load_sft_examples(manifest.cache_dir, fmt)  # before the weights: a damaged cache fails fast
+    model, tokenizer, _ = load_causal_lm(manifest.student.model, manifest.student.revision)
     tokenizer.chat_template = fmt.tokenizer.chat_template  # saved with the model: the reference needs its template
-    examples = load_sft_examples(manifest.cache_dir, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.end_of_turn_id
     args = training_arguments(t, output, t.sft_learning_rate, t.sft_epochs)
     trainer = Trainer(model=model, args=args, train_dataset=RowDataset(examples), data_collator=SftCollator(pad_id),
