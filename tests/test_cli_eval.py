@@ -88,9 +88,11 @@ class BrokenJudge(BaseHTTPRequestHandler):
     """
     reply = b"not json at all"
     status = 200
+    models = json.dumps({"object": "list", "data": [{"id": "broken", "object": "model"}]}).encode()
+    content_type = "application/json"
 
     def do_GET(self):
-        self.answer(json.dumps({"object": "list", "data": [{"id": "broken", "object": "model"}]}).encode())
+        self.answer(self.models)
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -98,7 +100,7 @@ class BrokenJudge(BaseHTTPRequestHandler):
 
     def answer(self, body, status=200):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", self.content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -126,6 +128,18 @@ def test_eval_malformed_judge_reply_is_one_line_and_keeps_answers(tmp_path, prom
     con = duckdb.connect(str(tmp_path / "cache" / "index.duckdb"), read_only=True)
     assert con.execute("SELECT count(*) FROM answers").fetchone() == (2,)  # kept: the next run only judges
     assert con.execute("SELECT count(*) FROM judgments").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/html"])
+def test_eval_judge_whose_model_list_is_not_json_is_one_line(tmp_path, prompts_file, broken_judge, monkeypatch,
+                                                             content_type):
+    """HTTP 200 with a body that is not JSON (a proxy's login page, a wrong base URL): before any work."""
+    monkeypatch.setattr(BrokenJudge, "models", b"<html>please sign in</html>")
+    monkeypatch.setattr(BrokenJudge, "content_type", content_type)
+    result = invoke("eval", eval_manifest(tmp_path, prompts_file, broken_judge, model="broken"), "--suite", "winrate")
+    one_line_error(result, f"judge at {broken_judge} answered GET /models with something other than an OpenAI "
+                           "model list: '<html>please sign in</html>'")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "eval").exists()
 
 
 def test_eval_request_refused_by_the_judge_is_recorded_and_counted(tmp_path, prompts_file, broken_judge, monkeypatch):

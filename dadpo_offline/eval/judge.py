@@ -50,7 +50,7 @@ class Judge:
         import openai
 
         try:
-            served = [m.id for m in self.client.with_options(max_retries=1, timeout=10).models.list()]
+            listing = self.client.with_options(max_retries=1, timeout=10).models.with_raw_response.list().http_response
         except openai.APIConnectionError as exc:
             raise JudgeError(f"judge at {self.config.base_url} is unreachable ({_reason(exc)}) — start it or fix "
                              "eval.judge.base_url") from exc
@@ -59,6 +59,12 @@ class Judge:
                              "(HTTP 401)") from exc
         except openai.APIError as exc:
             raise JudgeError(f"judge at {self.config.base_url} does not answer GET /models: {_reason(exc)}") from exc
+        try:  # read here, not by the client: a proxy's HTML page or broken JSON is a judge problem, not a crash
+            served = [model["id"] for model in listing.json()["data"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JudgeError(f"judge at {self.config.base_url} answered GET /models with something other than an "
+                             f"OpenAI model list: {listing.text[:120]!r} — is eval.judge.base_url the API root "
+                             "(ending in /v1)?") from exc
         if served and self.config.model not in served and "api.openai.com" not in self.config.base_url:
             raise JudgeError(f"judge at {self.config.base_url} serves {', '.join(served)}, not {self.config.model} — "
                              "fix eval.judge.model")
