@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
+from .files import apply_umask
 from .package_data import SMOLLM2_GGUF, PackageDataMissing, installed_path
 
 EMBEDDED_PREFIX = "embedded:"
@@ -49,10 +50,15 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
         directory = embedded_model_dir(reference[len(EMBEDDED_PREFIX):])
         return ResolvedModel(reference, str(directory), weights_digest(directory))
     path = Path(reference).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
+    try:
+        local = path.exists()
+        if local and not (path / "config.json").is_file():
             raise ModelError(f"model directory {reference} has no config.json (not a Hugging Face model directory)")
-        return ResolvedModel(reference, str(path.resolve()), weights_digest(path))
+        if local:
+            return ResolvedModel(reference, str(path.resolve()), weights_digest(path))
+    except OSError as exc:  # a folder on the way that this user may not enter, a file it may not read
+        raise ModelError(f"cannot read {exc.filename or reference}: {exc.strerror or exc} — the model's files "
+                         "must be readable by this user") from None
     if reference.startswith((".", "/", "~")) or reference.count("/") != 1:
         raise ModelError(f"model {reference!r} does not exist: give a local model directory, a hub id "
                          f"like 'Qwen/Qwen2.5-1.5B-Instruct', or one of: "
@@ -109,6 +115,7 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
     config.pop("quantization_config", None)
     config["architectures"] = ["LlamaForCausalLM"]
     config_path.write_text(json.dumps(config, indent=2))
+    apply_umask(staging)
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         staging.rename(target)

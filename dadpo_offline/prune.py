@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import InputError, ModelError
+from .files import apply_umask
 from .models import resolve_model
 from .precompute.chat import load_chat_format
 from .precompute.engines import cuda_available, resolve_dtype
@@ -75,6 +76,7 @@ def prune_model(source: str, ratio: float, out: Path, calibration_prompts: int =
         model.save_pretrained(staging)
         chat.tokenizer.save_pretrained(staging)
         (staging / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        apply_umask(staging)
         if out.exists():
             out.rmdir()  # finished_report let only an empty folder through
         os.replace(staging, out)

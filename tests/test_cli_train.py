@@ -81,6 +81,16 @@ def test_sft_output_is_a_model_directory_with_card_and_template(sft_dir):
     assert (sft_dir / "manifest.yaml").is_file()
 
 
+def test_trained_outputs_and_checkpoints_have_the_users_file_mode(sft_dir):
+    """transformers writes weights as 600; a shared run folder needs the umask's mode (usually 644)."""
+    from dadpo_offline.files import current_umask
+
+    mask = current_umask()
+    files = [f for f in sft_dir.rglob("*") if f.is_file()]
+    assert any(f.parent.name.startswith("checkpoint-") and f.name == "model.safetensors" for f in files)
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~mask)}
+
+
 def test_sft_output_loads_with_vllm(sft_dir):
     from vllm import LLM, SamplingParams
 

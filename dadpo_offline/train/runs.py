@@ -20,6 +20,7 @@ import yaml
 from transformers import TrainerCallback
 
 from ..errors import ModelError, TrainError
+from ..files import apply_umask
 from ..manifest import Manifest, TrainConfig, write_resolved
 from ..models import resolve_model
 
@@ -147,19 +148,24 @@ def last_complete_checkpoint(output: Path) -> str | None:
     return None
 
 
-class LogAtSave(TrainerCallback):
-    """Log the loss at every checkpoint step, so that a resumed run's log covers every step before it."""
+class CheckpointCare(TrainerCallback):
+    """Log the loss at every checkpoint step, so that a resumed run's log covers every step before it;
+    give each finished checkpoint the user's file mode."""
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:
             control.should_log = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            apply_umask(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 def whole_run_loss(state, training_loss: float, resumed_from: str | None) -> float:
     """Mean loss over every step of the run, resumed or not.
 
     The Trainer's own figure averages only the steps of the current call; the steps before a
-    resume are in the restored log history, which LogAtSave makes reach the checkpoint's step.
+    resume are in the restored log history, which CheckpointCare makes reach the checkpoint's step.
     """
     if resumed_from is None:
         return training_loss
@@ -204,6 +210,7 @@ def save_final(trainer, tokenizer, manifest: Manifest, output: Path, card: dict,
         tokenizer.save_pretrained(str(output))
         write_resolved(manifest, output / "manifest.yaml")
         write_card(output, card)
+        apply_umask(output)
 
 
 def write_card(output: Path, card: dict) -> None:

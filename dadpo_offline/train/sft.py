@@ -18,7 +18,7 @@ from ..precompute.chat import load_chat_format
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
 from ..cache.index import open_cache
-from .runs import (LogAtSave, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
+from .runs import (CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
                    save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
 
 
@@ -40,7 +40,7 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
     args = training_arguments(t, output, t.sft_learning_rate, t.sft_epochs)
     trainer = Trainer(model=model, args=args, train_dataset=RowDataset(examples), data_collator=SftCollator(pad_id),
                       processing_class=tokenizer,
-                      callbacks=[FiniteGradients(), LogAtSave()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
+                      callbacks=[FiniteGradients(), CheckpointCare()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
     resume_from = resume_checkpoint(output, t.resume, identity)
     result = trainer.train(resume_from_checkpoint=resume_from)

@@ -1,0 +1,27 @@
+"""How our model folders land on disk: with the user's normal file mode, so a team can share a run.
+
+transformers writes `model.safetensors` through a private temporary file (mode 600); the other
+files of the same folder get the umask's mode (usually 644). Every model folder we write (a
+converted embedded model, a pruned student, dSFT and trained outputs, their checkpoints) is
+given the umask's mode throughout, as `cp` or `touch` would have made it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: str | Path) -> None:
+    """chmod every file (666 & ~umask) and folder (777 & ~umask) under `folder`, itself included."""
+    mask = current_umask()
+    folder = Path(folder)
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
