@@ -90,7 +90,9 @@ def smollm2_dir():
 
 
 @pytest.fixture
-def prompts_file(tmp_path):
+def prompts_file(tmp_path, smollm2_dir):
+    """For manifests whose models default to the embedded SmolLM2: converted first (once a session),
+    so that no command's output under test holds the one-time conversion's progress."""
     return write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
 
 

@@ -107,3 +107,14 @@ def test_verify_names_a_corrupted_shard_and_a_rerun_rebuilds_it(small_cache, tmp
     assert rerun.exit_code == 0, rerun.output
     assert "score-teacher     " in rerun.output and "built 1, skipped 2" in rerun.output
     assert invoke("cache", "verify", cache).output.strip() == "all shards intact"
+
+
+def test_precompute_score_without_generations_fails_before_touching_the_cache(tiny_manifest, tmp_path):
+    one_line_error(invoke("precompute", tiny_manifest, "--stage", "score"), "no generations to score in ")
+    assert not (tmp_path / "cache").exists()
+    assert invoke("precompute", tiny_manifest, "--stage", "prompts").exit_code == 0
+    before = snapshot(tmp_path / "cache")
+    one_line_error(invoke("precompute", tiny_manifest, "--stage", "score"),
+                   "3 of the 3 generate-teacher shards to score are missing for these settings — "
+                   "run: dadpo-offline precompute MANIFEST --stage generate")
+    assert snapshot(tmp_path / "cache") == before

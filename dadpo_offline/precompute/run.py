@@ -135,6 +135,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     fps["pairs"] = fingerprint(settings["pairs"])
 
     # 3. Build what is missing, stage by stage.
+    if stage == "score":
+        _require_generations(manifest.cache_dir, fps, mine)
     cache = open_cache(manifest.cache_dir, create=True)
     engines = Engines(manifest, backend)
     wanted = {"all": ["prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference", "pairs"],
@@ -197,6 +199,20 @@ def model_role(name: str, config) -> Role:
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
     return {"model": role.model.reference, "revision": role.model.revision, "chat_format": role.fmt.identity,
             "engine": engine_identity(backend, role.dtype, manifest.engine)}
+
+
+def _require_generations(cache_dir: str, fps: dict, mine: list[int]) -> None:
+    """`--stage score` reads this job's generate shards: make sure they exist before the cache changes at all."""
+    command = "run: dadpo-offline precompute MANIFEST --stage generate"
+    try:
+        cache = open_cache(cache_dir)
+    except CacheError:
+        raise CacheError(f"no generations to score in {cache_dir} — {command}") from None
+    for stage in ("generate-teacher", "generate-student"):
+        missing = [k for k in mine if k not in cache.registered(stage, fps[stage])]
+        if missing:
+            raise CacheError(f"{len(missing)} of the {len(mine)} {stage} shards to score are missing for these "
+                             f"settings — {command}")
 
 
 def _shard_inputs(cache: CacheIndex, fps: dict, stages: list[str], k: int, producer: str) -> pa.Table:
