@@ -118,3 +118,28 @@ def test_precompute_score_without_generations_fails_before_touching_the_cache(ti
                    "3 of the 3 generate-teacher shards to score are missing for these settings — "
                    "run: dadpo-offline precompute MANIFEST --stage generate")
     assert snapshot(tmp_path / "cache") == before
+
+
+def test_precompute_beside_a_reader_that_keeps_the_index_open_names_it(tiny_manifest, tmp_path, monkeypatch):
+    """A stock DuckDB client (another process) keeps index.duckdb open read-only: the writer stops
+    after READER_WAIT_S with one line naming the holder's PID, and changes nothing."""
+    import subprocess
+    import sys
+
+    from dadpo_offline.cache import index
+
+    assert invoke("precompute", tiny_manifest, "--stage", "prompts").exit_code == 0
+    before = snapshot(tmp_path / "cache")
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time\n"
+                               "con = duckdb.connect(sys.argv[1], read_only=True)\nprint('open', flush=True)\n"
+                               "time.sleep(120)", str(tmp_path / "cache" / "index.duckdb")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        monkeypatch.setattr(index, "READER_WAIT_S", 1)
+        one_line_error(invoke("precompute", tiny_manifest, "--stage", "prompts"),
+                       f"index.duckdb is held open for reading by PID {holder.pid} (")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert snapshot(tmp_path / "cache") == before

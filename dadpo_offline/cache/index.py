@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import sys
 
 import duckdb
 import pyarrow.parquet as pq
@@ -29,7 +29,8 @@ from .shards import ShardFile, file_sha256, read_shard, shard_metadata, shard_pa
 
 INDEX_NAME = "index.duckdb"
 FORMAT_VERSION = "1"
-LOCK_WAIT_S = 300
+LOCK_WAIT_S = 300  # another writer (a --shard job) holds the index: wait for our turn
+READER_WAIT_S = 20  # a reader holds it open: past this, it is not one of ours
 NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 REGISTRY_SQL = """
@@ -90,7 +91,7 @@ class CacheIndex:
         folder, no extensions, settings locked. So even a statement that slipped past `sql`'s
         allow-list could neither write outside the cache nor turn the controls off.
         """
-        deadline = time.monotonic() + LOCK_WAIT_S
+        start = time.monotonic()
         while True:
             try:
                 con = duckdb.connect(str(self.index_path), read_only=read_only, config=NO_EXTENSIONS)
@@ -100,8 +101,15 @@ class CacheIndex:
                     con.execute("SET lock_configuration = true")
                 break
             except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                    raise CacheError(f"{self.index_path}: cannot open the index ({str(exc).splitlines()[0]})") from exc
+                text = str(exc)
+                if "lock" not in text.lower():
+                    raise CacheError(f"{self.index_path}: cannot open the index ({text.splitlines()[0]})") from exc
+                # DuckDB adds "you would be able to open this database in read-only mode" when the
+                # holder has it open for reading: our own readers let go within moments, a
+                # notebook or a stock client may keep it for hours, so a writer stops waiting soon.
+                held_by_reader = "read-only mode" in text
+                if time.monotonic() - start > (READER_WAIT_S if held_by_reader else LOCK_WAIT_S):
+                    raise CacheError(lock_holder_message(self.index_path, text, held_by_reader)) from exc
                 time.sleep(random.uniform(0.05, 0.5))
             except duckdb.Error as exc:
                 raise CacheError(f"{self.index_path}: not a readable DuckDB index ({str(exc).splitlines()[0]})") from exc
@@ -263,6 +271,21 @@ class CacheIndex:
             if problem:
                 problems.append(f"{stage} shard {shard} ({rel}): {problem}")
         return problems
+
+
+def lock_holder_message(index: Path, duckdb_message: str, held_by_reader: bool) -> str:
+    """Who holds the index (PID and command line, from DuckDB's message and /proc) and what to do."""
+    found = re.search(r"\(PID (\d+)\)", duckdb_message)
+    pid = found.group(1) if found else "?"
+    try:
+        command = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
+    except OSError:
+        command = ""
+    holder = f"PID {pid}" + (f" ({command[:120]})" if command else "")
+    if held_by_reader:
+        return (f"{index} is held open for reading by {holder}, which blocks every writer — close that DuckDB "
+                "connection (con.close(), or quit the client), then rerun")
+    return f"{index} stayed locked by {holder} for {LOCK_WAIT_S} s — wait for it to finish, or stop it, then rerun"
 
 
 def shard_problem(path: Path, size: int, sha256: str, stage: str, fingerprint: str) -> str | None:
