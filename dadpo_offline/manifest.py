@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import ManifestError
+from .errors import DadpoError, ManifestError
 
 
 @dataclass(frozen=True)
@@ -345,5 +345,9 @@ def write_resolved(manifest: Manifest, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = "# resolved manifest written by dadpo-offline: every default and override applied\n"
     temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temp.write_text(header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False), encoding="utf-8")
-    os.replace(temp, path)  # concurrent --shard jobs may write it at the same moment
+    try:
+        temp.write_text(header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False), encoding="utf-8")
+        os.replace(temp, path)  # concurrent --shard jobs may write it at the same moment
+    except OSError as exc:  # a full disk: no temp file left behind
+        temp.unlink(missing_ok=True)
+        raise DadpoError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -143,3 +143,57 @@ def test_precompute_beside_a_reader_that_keeps_the_index_open_names_it(tiny_mani
         holder.kill()
         holder.wait()
     assert snapshot(tmp_path / "cache") == before
+
+
+FULL_DISK = """
+set -eu
+mount -t tmpfs -o size=3m tmpfs "$DISK"
+dadpo() {{ "$PYTHON" -m dadpo_offline "$@"; }}
+snapshot() {{ (cd "$DISK/cache" && find . -type f -exec sha256sum {{}} + | sort); }}
+dadpo precompute "$MANIFEST" --stage prompts --set cache_dir="$DISK/cache" >/dev/null 2>"$OUT/first.err"
+snapshot >"$OUT/before"
+dd if=/dev/zero of="$DISK/filler" bs=4k 2>/dev/null || true
+set +e
+dadpo precompute "$MANIFEST" --stage prompts --set cache_dir="$DISK/cache" --set prompts.limit=2 >/dev/null 2>"$OUT/changed.err"
+echo $? >"$OUT/changed.rc"
+dadpo precompute "$MANIFEST" --stage prompts --set cache_dir="$DISK/new" >/dev/null 2>"$OUT/new.err"
+echo $? >"$OUT/new.rc"
+"$PYTHON" -c "
+import sys, pyarrow as pa
+from dadpo_offline.cache.shards import write_shard
+from dadpo_offline.errors import CacheError
+try:
+    write_shard(pa.table({{'x': list(range(100000))}}), __import__('pathlib').Path(sys.argv[1]), {{}})
+except CacheError as exc:
+    print(exc)
+" "$DISK/cache/prompts/extra.parquet" >"$OUT/shard.err"
+snapshot >"$OUT/after"
+ls -A "$DISK" >"$OUT/listing"
+"""
+
+
+def test_precompute_on_a_full_disk_is_one_line_and_changes_nothing(tiny_manifest, tmp_path):
+    """A real small file system (tmpfs of 3 MB, mounted in a private mount namespace), filled up:
+    a run that must register a new stage, a run that must create a new cache, and a shard write
+    each fail with one line; the cache is byte-identical, no half-made cache or temp file is left."""
+    import os
+    import subprocess
+    import sys
+
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    env = {**os.environ, "DISK": str(disk), "OUT": str(out), "MANIFEST": str(tiny_manifest), "PYTHON": sys.executable}
+    done = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", FULL_DISK.format()], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr + (out / "first.err").read_text()
+    read = lambda name: (out / name).read_text().strip()
+    assert read("changed.rc") == "1" and read("new.rc") == "1"
+    assert read("changed.err") == (f"Error: no space left on device for {disk}/cache/index.duckdb; nothing was "
+                                   "registered — free space, then rerun (finished shards are kept)")
+    assert read("new.err").startswith(f"Error: {disk}/new/index.duckdb: cannot open the index (")
+    assert "No space left on device" in read("new.err") and len(read("new.err").splitlines()) == 1
+    assert read("shard.err").startswith(f"cannot write {disk}/cache/prompts/extra.parquet: ")
+    assert read("shard.err").endswith("No space left on device")
+    assert read("after") == read("before") and "index.duckdb" in read("before")
+    assert read("listing").split() == ["cache", "filler"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -69,13 +70,26 @@ def open_cache(root: str | Path, create: bool = False) -> "CacheIndex":
                          "give an empty or new folder as cache_dir")
     if not create:
         raise CacheError(f"no cache at {root} — run: dadpo-offline precompute MANIFEST")
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     cache = CacheIndex(root)
-    with cache.connect() as con:
-        con.execute(REGISTRY_SQL)
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('root', ?)", [FORMAT_VERSION, str(root)])
-        cache._write_views(con)
+    try:
+        with cache.connect() as con:
+            con.execute(REGISTRY_SQL)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('root', ?)", [FORMAT_VERSION, str(root)])
+            cache._write_views(con)
+    except (CacheError, OSError):  # e.g. a full disk: leave no half-made cache behind
+        for leftover in (index, wal_path(index)):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(root / "_empty", ignore_errors=True)
+        if created and not any(root.iterdir()):
+            root.rmdir()
+        raise
     return cache
+
+
+def wal_path(index: Path) -> Path:
+    return index.with_name(index.name + ".wal")
 
 
 class CacheIndex:
@@ -115,6 +129,16 @@ class CacheIndex:
                 raise CacheError(f"{self.index_path}: not a readable DuckDB index ({str(exc).splitlines()[0]})") from exc
         try:
             yield con
+        except duckdb.Error as exc:
+            if "No space left on device" not in str(exc):
+                raise
+            # the commit failed, so nothing was registered; the WAL it began is empty, and ours to
+            # remove while this connection still holds the lock
+            wal = wal_path(self.index_path)
+            if wal.is_file() and wal.stat().st_size == 0:
+                wal.unlink()
+            raise CacheError(f"no space left on device for {self.index_path}; nothing was registered — free "
+                             "space, then rerun (finished shards are kept)") from exc
         finally:
             con.close()
 
