@@ -43,6 +43,13 @@ class ResolvedModel:
         """What loaders pass as `revision=`: the hub revision, or None for local weights."""
         return self.revision if self.on_hub else None
 
+    @property
+    def portable_name(self) -> str:
+        """How fingerprints name the model: a hub id or embedded name as given, a local folder by its
+        name only (its weights digest, `revision`, identifies it), so a copied run folder keeps its
+        fingerprints."""
+        return self.reference if self.on_hub or self.reference.startswith(EMBEDDED_PREFIX) else Path(self.path).name
+
 
 def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
     """Turn a manifest model reference into a loadable path; raise ModelError naming the reference."""

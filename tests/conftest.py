@@ -197,3 +197,42 @@ def judge_server(smollm2_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("judge") / "server.log"
     with served_judge(JudgeConfig(serve=smollm2_dir), log, name="smol-judge") as judge:
         yield {"base_url": judge.base_url, "model": judge.model}
+
+
+def as_another_user(*args):
+    """`dadpo-offline ARGS` as a real second user: nobody, in a forked child, when the tests run as
+    root (root reads everything); else this user. Returns (exit code, output)."""
+    import pwd
+
+    from click.testing import CliRunner
+
+    from dadpo_offline.cli import main
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to another user, run the command, report, exit without cleanup
+        try:
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            result = CliRunner().invoke(main, [str(a) for a in args])
+            message = f"{result.exit_code}\n{result.output or repr(result.exception)}"
+        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
+            message = f"crash\n{exc!r}"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        code, output = pipe.read().split("\n", 1)
+    os.waitpid(pid, 0)
+    return code, output
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder every user may enter (pytest's tmp_path is private to its owner), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="dadpo-shared-"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -121,11 +122,17 @@ def test_status_counts_shards_rows_and_active(cache_with_generations):
         assert con.execute("SELECT count(*) FROM generations").fetchone()[0] == 0
 
 
-def test_moved_cache_rewrites_its_views(cache_with_generations, tmp_path):
-    cache, _ = cache_with_generations
+def test_moved_cache_is_read_through_temporary_views_and_rewritten_by_the_next_writer(cache_with_generations,
+                                                                                       tmp_path):
+    cache, fp = cache_with_generations
     moved = tmp_path / "moved"
     os.rename(cache.root, moved)
+    index = (moved / "index.duckdb").read_bytes()
     assert run_query(moved, "SELECT count(*) AS n FROM generations").to_pylist() == [{"n": 6}]
+    assert (moved / "index.duckdb").read_bytes() == index  # a reader never writes
+    open_cache(moved).begin_stage("generate-student", fp, {"test": 1}, 2)  # any writer stores the new place's views
+    stock = duckdb.connect(str(moved / "index.duckdb"), read_only=True)
+    assert stock.execute("SELECT count(*) FROM generations").fetchone() == (6,)
 
 
 def test_sql_is_read_only_and_takes_parameters(cache_with_generations):

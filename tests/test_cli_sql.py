@@ -121,3 +121,41 @@ def test_read_only_connections_are_confined_by_duckdb_itself(small_cache, tmp_pa
             with pytest.raises(duckdb.Error):
                 con.execute(statement)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_copied_run_folder_keeps_its_fingerprints_and_a_moved_cache_is_read_without_writing(
+        tmp_path, shared_dir, tiny_student, tiny_other_model):
+    """A run folder (manifest, prompts, local models, cache) with relative paths, copied elsewhere:
+    precompute there rebuilds nothing (no absolute path is part of a fingerprint). Copied again into
+    a folder another user may read but not write: that user queries it, and no file changes."""
+    import shutil
+
+    from conftest import PROMPTS, as_another_user, write_jsonl
+    from test_cli_precompute import snapshot
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(tiny_student, run / "student")
+    shutil.copytree(tiny_other_model, run / "teacher")
+    write_jsonl(run / "prompts.jsonl", PROMPTS)
+    (run / "manifest.yaml").write_text(
+        "cache_dir: cache\nteacher: {model: ./teacher}\nstudent: {model: ./student}\n"
+        "prompts: {sources: [{jsonl: prompts.jsonl}]}\n"
+        "generate: {teacher: {max_tokens: 6}, student: {max_tokens: 6}}\n"
+        "engine: {backend: transformers, shard_size: 3}\n", encoding="utf-8")
+    assert invoke("precompute", run / "manifest.yaml").exit_code == 0
+    stages = lambda cache: {(r["stage"], r["fingerprint"]) for r in json.loads(invoke("cache", "status", cache, "-f", "json").output)}
+
+    copy = shutil.copytree(run, tmp_path / "elsewhere" / "run")
+    rerun = invoke("precompute", copy / "manifest.yaml")
+    assert rerun.exit_code == 0, rerun.output
+    assert " built 0, skipped 2" in rerun.output and " built 1" not in rerun.output and " built 2" not in rerun.output
+    assert stages(copy / "cache") == stages(run / "cache")
+
+    moved = shutil.copytree(run / "cache", shared_dir / "cache")
+    before = snapshot(moved)
+    code, output = as_another_user("sql", moved, "SELECT count(*) AS n FROM pairs", "-f", "csv")
+    assert (code, output.split()) == ("0", ["n", "6"])
+    code, output = as_another_user("cache", "verify", moved)
+    assert code == "0", output
+    assert snapshot(moved) == before

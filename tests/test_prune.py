@@ -1,13 +1,13 @@
 """Layer pruning of the real SmolLM2-135M-Instruct (30 layers → 24 at ratio 0.2), offline."""
 import gc
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import as_another_user
 from dadpo_offline.cli import main
 from dadpo_offline.errors import InputError, ModelError
 from dadpo_offline.prune import decoder_layers, drop_layers, prune_model
@@ -151,53 +151,20 @@ def test_pruned_folder_has_the_users_file_mode(pruned):
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
-def as_another_user(*args):
-    """`dadpo-offline ARGS` as a real second user: nobody, in a forked child, when the tests run as
-    root (root reads everything); else this user. Returns (exit code, output)."""
-    import os
-    import pwd
-
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop to another user, run the command, report, exit without cleanup
-        try:
-            if os.geteuid() == 0:
-                nobody = pwd.getpwnam("nobody")
-                os.setgid(nobody.pw_gid)
-                os.setuid(nobody.pw_uid)
-            result = CliRunner().invoke(main, [str(a) for a in args])
-            message = f"{result.exit_code}\n{result.output or repr(result.exception)}"
-        except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
-            message = f"crash\n{exc!r}"
-        os.write(write, message.encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        code, output = pipe.read().split("\n", 1)
-    os.waitpid(pid, 0)
-    return code, output
-
-
 @pytest.mark.parametrize("locked", ["model.safetensors", "."])
-def test_unreadable_model_is_one_line_for_another_user(pruned, locked):
+def test_unreadable_model_is_one_line_for_another_user(pruned, shared_dir, locked):
     """A weights file readable by its owner only, or a model folder only its owner may enter:
     one Error line naming it, exit 1, nothing written."""
     import os
     import shutil
-    import tempfile
 
     out, _ = pruned
-    shared = Path(tempfile.mkdtemp(prefix="dadpo-shared-"))  # world-traversable, unlike pytest's tmp_path
-    try:
-        os.chmod(shared, 0o755)
-        model = shared / "model"
-        shutil.copytree(out, model)
-        os.chmod(model / locked, 0o700 if locked == "." else 0o600)
-        code, output = as_another_user("prune", model, "--out", shared / "student")
-        target = model / "config.json" if locked == "." else model / locked
-        assert code == "1", output
-        assert output.strip() == (f"Error: cannot read {target}: Permission denied — the model's files must be "
-                                  "readable by this user")
-        assert not (shared / "student").exists()
-    finally:
-        shutil.rmtree(shared)
+    model = shared_dir / "model"
+    shutil.copytree(out, model)
+    os.chmod(model / locked, 0o700 if locked == "." else 0o600)
+    code, output = as_another_user("prune", model, "--out", shared_dir / "student")
+    target = model / "config.json" if locked == "." else model / locked
+    assert code == "1", output
+    assert output.strip() == (f"Error: cannot read {target}: Permission denied — the model's files must be "
+                              "readable by this user")
+    assert not (shared_dir / "student").exists()

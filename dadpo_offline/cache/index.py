@@ -2,8 +2,10 @@
 and, once `eval` has run, `answers`, `judgments` and `eval_results`.
 
 The views read the registered shards of each stage's active fingerprint through absolute paths,
-so a stock DuckDB client opens them from any working directory. Moving the cache folder is
-noticed on the next open by this tool, which rewrites the views.
+so a stock DuckDB client opens them from any working directory. Readers never write: in a moved
+or copied cache, this tool's read-only connections see the views through temporary ones made
+for the new location (the file stays untouched, and may be read-only); the next writer rewrites
+the stored views.
 
 Writers hold the DuckDB file only for a moment (open, write, close) so that several
 `--shard i/N` jobs on one cache take turns instead of failing on the file lock.
@@ -61,8 +63,8 @@ def open_cache(root: str | Path, create: bool = False) -> "CacheIndex":
     index = root / INDEX_NAME
     if index.is_file():
         cache = CacheIndex(root)
-        cache.refresh_views_if_moved()
-        return cache
+        with cache.connect(read_only=True):  # a file that is not a DuckDB index is named now, not mid-run
+            return cache
     if root.exists() and not root.is_dir():
         raise CacheError(f"{root} is a file, not a cache directory")
     if root.is_dir() and any(root.iterdir()):
@@ -76,7 +78,7 @@ def open_cache(root: str | Path, create: bool = False) -> "CacheIndex":
     try:
         with cache.connect() as con:
             con.execute(REGISTRY_SQL)
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('root', ?)", [FORMAT_VERSION, str(root)])
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", [FORMAT_VERSION])
             cache._write_views(con)
     except (CacheError, OSError):  # e.g. a full disk: leave no half-made cache behind
         for leftover in (index, wal_path(index)):
@@ -113,6 +115,8 @@ class CacheIndex:
                     con.execute("SET allowed_directories = ?", [[f"{self.root}/"]])
                     con.execute("SET enable_external_access = false")
                     con.execute("SET lock_configuration = true")
+                    if self._moved(con):
+                        self._write_views(con, temporary=True)
                 break
             except duckdb.IOException as exc:
                 text = str(exc)
@@ -239,15 +243,11 @@ class CacheIndex:
 
     # -- views ----------------------------------------------------------------------------------
 
-    def refresh_views_if_moved(self) -> None:
-        with self.connect(read_only=True) as con:
-            row = con.execute("SELECT value FROM meta WHERE key = 'root'").fetchone()
-        if row is None or row[0] != str(self.root):
-            with self.connect() as con:
-                con.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", [str(self.root)])
-                self._write_views(con)
+    def _moved(self, con) -> bool:
+        rows = con.execute("SELECT value FROM meta WHERE key = 'root'").fetchall()
+        return rows != [(str(self.root),)]
 
-    def _write_views(self, con) -> None:
+    def _write_views(self, con, temporary: bool = False) -> None:
         """Each view = the registered shards of its stages' active fingerprints, absolute paths."""
         for view, stages in VIEW_STAGES.items():
             files = [str(self.root / path) for (path,) in con.execute(
@@ -256,7 +256,10 @@ class CacheIndex:
             if not files:
                 files = [str(self._empty_shard(stages[0]))]
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}])")
+            con.execute(f"CREATE OR REPLACE {'TEMP ' if temporary else ''}VIEW {view} AS "
+                        f"SELECT * FROM read_parquet([{listing}])")
+        if not temporary:
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", [str(self.root)])
 
     def _empty_shard(self, stage: str) -> Path:
         """A zero-row file with the stage's schema, so empty views still have typed columns."""

@@ -11,6 +11,8 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
@@ -116,7 +118,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     summary = Summary(len(fitted), {k: v for k, v in counts.items() if k != "read"})
 
     # 2. Fingerprints: every setting that shapes a stage's rows.
-    prompt_settings = {"prompts": [p.prompt_id for p in fitted], "config": manifest_dict(manifest)["prompts"],
+    prompt_settings = {"prompts": [p.prompt_id for p in fitted], "config": _portable(manifest_dict(manifest)["prompts"]),
                        "formats": [roles["student"].fmt.identity, roles["teacher"].fmt.identity], "shard_size": shard_size}
     fps = {"prompts": fingerprint(prompt_settings)}
     settings = {"prompts": prompt_settings}
@@ -197,8 +199,15 @@ def model_role(name: str, config) -> Role:
 
 
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
-    return {"model": role.model.reference, "revision": role.model.revision, "chat_format": role.fmt.identity,
+    return {"model": role.model.portable_name, "revision": role.model.revision, "chat_format": role.fmt.identity,
             "engine": engine_identity(backend, role.dtype, manifest.engine)}
+
+
+def _portable(prompts_config: dict) -> dict:
+    """The prompts settings without where a JSONL file lies (the prompt ids identify its content)."""
+    sources = [{**source, "jsonl": Path(source["jsonl"]).name} if source.get("jsonl") else source
+               for source in prompts_config["sources"]]
+    return {**prompts_config, "sources": sources}
 
 
 def _require_generations(cache_dir: str, fps: dict, mine: list[int]) -> None:

@@ -20,6 +20,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..errors import TrainError
 from ..manifest import Manifest, effective_betas
+from ..models import resolve_model
 from .check import step0_check
 from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
@@ -137,7 +138,7 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     init = t.init_model or manifest.reference_model.model
     revision = None if t.init_model else manifest.reference_model.revision
     data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
-    identity = run_identity(t.loss, data, init, t)
+    identity = run_identity(t.loss, data, resolve_model(init, revision), t)
     done = finished_run(output, identity, t, "rewards/margins")
     if done:
         return done | {"step0": None}

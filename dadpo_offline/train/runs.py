@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from ..errors import ModelError, TrainError
 from ..files import apply_umask
 from ..manifest import Manifest, TrainConfig, write_resolved
-from ..models import resolve_model
+from ..models import ResolvedModel, resolve_model
 
 
 def stage_dir(manifest: Manifest, stage: str) -> Path:
@@ -96,10 +96,12 @@ RESUME_NEUTRAL = {"resume", "max_steps", "output_dir", "save_steps", "save_total
                   "step0_pairs", "step0_max_token_gap", "compare"}
 
 
-def run_identity(stage: str, data_fingerprint: str, start_model: str, t: TrainConfig, ignore: tuple = ()) -> dict:
-    """What a checkpoint's run was made from: stage, cache data, starting model, training settings."""
+def run_identity(stage: str, data_fingerprint: str, start_model: ResolvedModel, t: TrainConfig,
+                 ignore: tuple = ()) -> dict:
+    """What a checkpoint's run was made from: stage, cache data, starting weights, training settings."""
     settings = {k: v for k, v in settings_dict(t).items() if k not in RESUME_NEUTRAL and not k.startswith(ignore)}
-    return {"stage": stage, "data": data_fingerprint, "start_model": start_model, **settings}
+    return {"stage": stage, "data": data_fingerprint, "start_model": start_model.portable_name,
+            "start_revision": start_model.revision, **settings}
 
 
 def resume_checkpoint(output: Path, resume: bool, identity: dict) -> str | None:

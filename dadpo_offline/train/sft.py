@@ -27,12 +27,12 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
     check_config(t)
     output = stage_dir(manifest, "sft")
     data = open_cache(manifest.cache_dir).ready_fingerprint("generate-teacher", "generate")
-    identity = run_identity("sft", data, manifest.student.model, t, ignore=("beta", "loss", "step0", "init_model"))
+    student = resolve_model(manifest.student.model, manifest.student.revision)
+    identity = run_identity("sft", data, student, t, ignore=("beta", "loss", "step0", "init_model"))
     done = finished_run(output, identity, t, "loss")
     if done:
         return done
-    fmt = load_chat_format(resolve_model(manifest.student.model, manifest.student.revision),
-                           manifest.student.end_of_turn, manifest.student.chat_template)
+    fmt = load_chat_format(student, manifest.student.end_of_turn, manifest.student.chat_template)
     examples = load_sft_examples(manifest.cache_dir, fmt)  # before the weights: a damaged cache fails fast
     model, tokenizer, _ = load_causal_lm(manifest.student.model, manifest.student.revision)
     tokenizer.chat_template = fmt.tokenizer.chat_template  # saved with the model: the reference needs its template
