@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache.shards import file_sha256
 from .errors import ModelError
 from .files import apply_umask
 from .package_data import SMOLLM2_GGUF, PackageDataMissing, installed_path
@@ -73,19 +74,36 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
     return ResolvedModel(reference, reference, revision or "main", on_hub=True)
 
 
+# The files whose content makes a model's numbers. Not tokenizer files (the chat format has its
+# own identity), nor bookkeeping that a re-save changes (trainer_state.json, training_args.bin).
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.gguf", "config.json")
+
+
 def weights_digest(directory: Path) -> str:
-    """A cheap, stable identity for local weights: names, sizes and the first/last MiB of each file."""
-    digest = hashlib.sha256()
-    for file in sorted(directory.iterdir()):
-        if file.suffix not in {".safetensors", ".bin", ".json", ".gguf", ".model", ".txt"} or not file.is_file():
-            continue
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with file.open("rb") as handle:
-            digest.update(handle.read(1 << 20))
-            if size > 2 << 20:
-                handle.seek(-(1 << 20), os.SEEK_END)
-                digest.update(handle.read(1 << 20))
+    """The identity of local weights: the full content of WEIGHT_FILES, each hashed once and then
+    remembered by path, size and modification time (a 14 GB model is read once, not per command)."""
+    files = sorted({f for pattern in WEIGHT_FILES for f in directory.glob(pattern) if f.is_file()})
+    memo_path = user_cache_dir() / "file-digests.json"
+    try:
+        memo = json.loads(memo_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        memo = {}
+    digest, changed = hashlib.sha256(), False
+    for file in files:
+        stat = file.stat()
+        key, stamp = str(file.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if memo.get(key, [None])[:2] != stamp:
+            memo[key] = stamp + [file_sha256(file)]
+            changed = True
+        digest.update(f"{file.name}:{memo[key][2]}".encode())
+    if changed:
+        try:  # a memo that cannot be written only costs a re-read next time
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            temp = memo_path.with_name(f"{memo_path.name}.tmp-{os.getpid()}")
+            temp.write_text(json.dumps(memo), encoding="utf-8")
+            os.replace(temp, memo_path)
+        except OSError:
+            pass
     return digest.hexdigest()[:16]
 
 

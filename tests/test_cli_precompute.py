@@ -197,3 +197,21 @@ def test_precompute_on_a_full_disk_is_one_line_and_changes_nothing(tiny_manifest
     assert read("shard.err").endswith("No space left on device")
     assert read("after") == read("before") and "index.duckdb" in read("before")
     assert read("listing").split() == ["cache", "filler"]
+
+
+def test_moving_a_prompt_to_heldout_changes_the_prompts_fingerprint(tmp_path, prompts_file):
+    """Same conversations, one moved to the held-out split: a new prompts stage, so training
+    (which reads split = 'train') no longer sees it."""
+    import json
+
+    from conftest import PROMPTS
+
+    manifest = write_manifest(tmp_path, prompts_file, tmp_path / "cache")
+    assert invoke("precompute", manifest, "--stage", "prompts").exit_code == 0
+    write_jsonl(prompts_file, [dict(PROMPTS[0], split="heldout")] + PROMPTS[1:])
+    assert invoke("precompute", manifest, "--stage", "prompts").exit_code == 0
+    rows = json.loads(invoke("cache", "status", tmp_path / "cache", "-f", "json").output)
+    assert len([r for r in rows if r["stage"] == "prompts"]) == 2
+    splits = invoke("sql", tmp_path / "cache", "SELECT split, count(*) AS n FROM prompts GROUP BY ALL ORDER BY ALL",
+                    "-f", "json").output
+    assert json.loads(splits) == [{"split": "heldout", "n": 1}, {"split": "train", "n": 5}]

@@ -132,6 +132,27 @@ def test_train_refuses_to_resume_a_run_made_with_other_settings(tiny_cache, tmp_
     assert json.loads((tmp_path / "dadpo" / "run.json").read_text())["beta1"] == 1.0
 
 
+def test_dsft_identity_is_its_own_settings_and_the_students_weights(tiny_cache, tiny_student, tmp_path):
+    """daDPO-only settings leave a finished dSFT alone; new weights in the same student folder (a
+    student re-pruned in place) are another run."""
+    from safetensors.torch import load_file, save_file
+
+    student = shutil.copytree(tiny_student, tmp_path / "student")
+    common = ["train", tiny_cache, "--stage", "sft", "--max-steps", 1, "--output-dir", tmp_path / "out",
+              "--set", f"student.model={student}", *QUIET]
+    first = invoke(*common)
+    assert first.exit_code == 0, first.output
+    again = json.loads(invoke(*common, "--set", "train.learning_rate=1e-3", "--set", "train.epochs=3",
+                              "--beta1", 0.5).stdout.strip().splitlines()[-1])
+    assert again["skipped"] == "finished before with the same settings"
+    weights = load_file(student / "model.safetensors")
+    save_file({k: v * 1.5 for k, v in weights.items()}, student / "model.safetensors", metadata={"format": "pt"})
+    refused = invoke(*common)  # not "finished before": the weights it started from are others now
+    assert refused.exit_code == 1 and "holds checkpoints of a run with other start_revision" in refused.output
+    repruned = json.loads(invoke(*common, "--no-resume").stdout.strip().splitlines()[-1])
+    assert "skipped" not in repruned and repruned["steps"] == 1
+
+
 def test_a_finished_stage_is_skipped_only_when_rerun_with_the_same_settings(tiny_cache, tmp_path):
     def train(*flags):
         result = invoke("train", tiny_cache, "--stage", "sft", "--output-dir", tmp_path, *QUIET, *flags)

@@ -81,3 +81,37 @@ def test_embedded_model_from_an_empty_home_converts_identically_and_loads_in_bot
         finally:
             engine.close()
         assert "Paris" in tokenizer.decode(answer.token_ids), backend
+
+
+def test_weights_digest_reads_every_byte_of_the_weights_and_nothing_else(tiny_student, tmp_path, monkeypatch):
+    """Scaling two tensors in the middle of the file changes it (reading the first and last MiB
+    did not); re-saved bookkeeping does not; a file is read once, then known by size and mtime."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("DADPO_OFFLINE_HOME", str(tmp_path / "home"))
+    model = Path(shutil.copytree(tiny_student, tmp_path / "model"))
+    before = weights_digest(model)
+    (model / "trainer_state.json").write_text('{"global_step": 3}')
+    (model / "training_args.bin").write_bytes(b"pickled arguments")
+    (model / "README.md").write_text("a model card")
+    assert weights_digest(model) == before
+
+    weights = load_file(model / "model.safetensors")
+    middle = sorted(weights)[len(weights) // 2 - 1: len(weights) // 2 + 1]
+    for name in middle:
+        weights[name] = weights[name] * 1.01
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    edited = weights_digest(model)
+    assert edited != before
+
+    stat = (model / "model.safetensors").stat()
+    data = bytearray((model / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01  # same size, same mtime after utime: the remembered digest stands
+    (model / "model.safetensors").write_bytes(bytes(data))
+    os.utime(model / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights_digest(model) == edited
+    os.utime(model / "model.safetensors")  # touched: read again
+    assert weights_digest(model) != edited

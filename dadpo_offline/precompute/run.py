@@ -118,7 +118,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     summary = Summary(len(fitted), {k: v for k, v in counts.items() if k != "read"})
 
     # 2. Fingerprints: every setting that shapes a stage's rows.
-    prompt_settings = {"prompts": [p.prompt_id for p in fitted], "config": _portable(manifest_dict(manifest)["prompts"]),
+    prompt_settings = {"prompts": [[p.prompt_id, p.split, p.category] for p in fitted],  # moving one to heldout counts
+                       "config": _portable(manifest_dict(manifest)["prompts"]),
                        "formats": [roles["student"].fmt.identity, roles["teacher"].fmt.identity], "shard_size": shard_size}
     fps = {"prompts": fingerprint(prompt_settings)}
     settings = {"prompts": prompt_settings}

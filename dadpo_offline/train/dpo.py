@@ -26,7 +26,7 @@ from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
 from .losses import LOSSES
 from ..cache.index import open_cache
-from .runs import (CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
+from .runs import (SFT_ONLY, CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
                    save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
 
 METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/chosen", "rewards/rejected",
@@ -138,7 +138,7 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     init = t.init_model or manifest.reference_model.model
     revision = None if t.init_model else manifest.reference_model.revision
     data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
-    identity = run_identity(t.loss, data, resolve_model(init, revision), t)
+    identity = run_identity(t.loss, data, resolve_model(init, revision), t, ignore=SFT_ONLY)
     done = finished_run(output, identity, t, "rewards/margins")
     if done:
         return done | {"step0": None}

@@ -91,6 +91,9 @@ def load_causal_lm(reference: str, revision: str | None = None):
     return lm, tokenizer, model
 
 
+# Settings (name prefixes) that only one of the two stages reads: not part of the other's identity.
+DPO_ONLY = ("beta", "loss", "step0", "init_model", "learning_rate", "epochs")
+SFT_ONLY = ("sft_",)
 # Settings that do not change what a finished run computes: a resumed run may differ in them.
 RESUME_NEUTRAL = {"resume", "max_steps", "output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to",
                   "step0_pairs", "step0_max_token_gap", "compare"}

@@ -18,7 +18,7 @@ from ..precompute.chat import load_chat_format
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
 from ..cache.index import open_cache
-from .runs import (CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
+from .runs import (DPO_ONLY, CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
                    save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
 
 
@@ -28,7 +28,7 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
     output = stage_dir(manifest, "sft")
     data = open_cache(manifest.cache_dir).ready_fingerprint("generate-teacher", "generate")
     student = resolve_model(manifest.student.model, manifest.student.revision)
-    identity = run_identity("sft", data, student, t, ignore=("beta", "loss", "step0", "init_model"))
+    identity = run_identity("sft", data, student, t, ignore=DPO_ONLY)
     done = finished_run(output, identity, t, "loss")
     if done:
         return done
