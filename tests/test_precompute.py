@@ -225,3 +225,16 @@ def test_a_manifest_chat_template_supplies_one_for_tokenizers_without(smollm2_di
     assert fmt.identity != plain.identity  # the template is part of every fingerprint
     with pytest.raises(ModelError, match="chat_template .*missing.jinja"):
         load_chat_format(model, chat_template=str(tmp_path / "missing.jinja"))
+
+
+def test_engine_identity_holds_every_setting_that_moves_the_numbers():
+    """vLLM in bf16: CUDA graphs (enforce_eager off) and the batch size pick other kernels."""
+    from dadpo_offline.manifest import EngineConfig
+    from dadpo_offline.precompute.engines import engine_identity
+
+    base = engine_identity("vllm", "bfloat16", EngineConfig())
+    assert engine_identity("vllm", "bfloat16", EngineConfig(enforce_eager=False)) != base
+    assert engine_identity("vllm", "bfloat16", EngineConfig(batch_tokens=4096)) != base
+    assert engine_identity("transformers", "float32", EngineConfig(batch_tokens=4096)) != \
+        engine_identity("transformers", "float32", EngineConfig())
+    assert engine_identity("vllm", "bfloat16", EngineConfig(shard_size=8)) == base  # only the unit of work

