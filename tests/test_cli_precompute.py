@@ -160,13 +160,19 @@ dadpo precompute "$MANIFEST" --stage prompts --set cache_dir="$DISK/new" >/dev/n
 echo $? >"$OUT/new.rc"
 "$PYTHON" -c "
 import sys, pyarrow as pa
+from pathlib import Path
 from dadpo_offline.cache.shards import write_shard
-from dadpo_offline.errors import CacheError
+from dadpo_offline.errors import DadpoError
+from dadpo_offline.manifest import load_manifest, write_resolved
 try:
-    write_shard(pa.table({{'x': list(range(100000))}}), __import__('pathlib').Path(sys.argv[1]), {{}})
-except CacheError as exc:
+    write_shard(pa.table({{'x': list(range(100000))}}), Path(sys.argv[1]) / 'extra.parquet', {{}})
+except DadpoError as exc:
     print(exc)
-" "$DISK/cache/prompts/extra.parquet" >"$OUT/shard.err"
+try:
+    write_resolved(load_manifest(sys.argv[2]), Path(sys.argv[1]) / 'manifest.yaml')
+except DadpoError as exc:
+    print(exc)
+" "$DISK/cache/prompts" "$MANIFEST" >"$OUT/writes.err"
 snapshot >"$OUT/after"
 ls -A "$DISK" >"$OUT/listing"
 """
@@ -174,8 +180,9 @@ ls -A "$DISK" >"$OUT/listing"
 
 def test_precompute_on_a_full_disk_is_one_line_and_changes_nothing(tiny_manifest, tmp_path):
     """A real small file system (tmpfs of 3 MB, mounted in a private mount namespace), filled up:
-    a run that must register a new stage, a run that must create a new cache, and a shard write
-    each fail with one line; the cache is byte-identical, no half-made cache or temp file is left."""
+    a run that must register a new stage, a run that must create a new cache, a shard write and a
+    resolved-manifest write each fail with one line; the cache is byte-identical, no half-made cache
+    or temp file is left."""
     import os
     import subprocess
     import sys
@@ -193,8 +200,10 @@ def test_precompute_on_a_full_disk_is_one_line_and_changes_nothing(tiny_manifest
                                    "registered — free space, then rerun (finished shards are kept)")
     assert read("new.err").startswith(f"Error: {disk}/new/index.duckdb: cannot open the index (")
     assert "No space left on device" in read("new.err") and len(read("new.err").splitlines()) == 1
-    assert read("shard.err").startswith(f"cannot write {disk}/cache/prompts/extra.parquet: ")
-    assert read("shard.err").endswith("No space left on device")
+    shard, manifest = read("writes.err").splitlines()
+    assert shard.startswith(f"cannot write {disk}/cache/prompts/extra.parquet: ")
+    assert shard.endswith("No space left on device")
+    assert manifest == f"cannot write {disk}/cache/prompts/manifest.yaml: No space left on device"
     assert read("after") == read("before") and "index.duckdb" in read("before")
     assert read("listing").split() == ["cache", "filler"]
 
