@@ -179,7 +179,6 @@ def uninterrupted(tiny_cache, tmp_path_factory):
     ("dadpo", "step-3", "checkpoint-2"),  # a kill between checkpoints
     ("dadpo", "folder-appears", "checkpoint-2"),  # kills during the save of checkpoint-4
     ("dadpo", "before-state", "checkpoint-2"),
-    ("sft", "before-state", "checkpoint-2"),
     ("sft", "folder-appears", "checkpoint-2"),
 ])
 def test_resume_after_kill_reaches_the_uninterrupted_final_state(tiny_cache, tmp_path, capfd, uninterrupted, stage,
