@@ -116,7 +116,7 @@ class CacheIndex:
                     con.execute("SET enable_external_access = false")
                     con.execute("SET lock_configuration = true")
                     if self._moved(con):
-                        self._write_views(con, temporary=True)
+                        self._temporary_views(con)
                 break
             except duckdb.IOException as exc:
                 text = str(exc)
@@ -243,13 +243,24 @@ class CacheIndex:
 
     # -- views ----------------------------------------------------------------------------------
 
+    def _temporary_views(self, con) -> None:
+        """Views for the cache's new place, on this connection only. A view whose shards cannot be
+        read (missing, truncated) keeps its stored definition: the registry stays readable, so
+        `cache verify` and training's shard check name the damage instead of failing here."""
+        for view in VIEW_STAGES:
+            try:
+                self._write_views(con, temporary=True, views=[view])
+            except duckdb.Error:
+                pass
+
     def _moved(self, con) -> bool:
         rows = con.execute("SELECT value FROM meta WHERE key = 'root'").fetchall()
         return rows != [(str(self.root),)]
 
-    def _write_views(self, con, temporary: bool = False) -> None:
+    def _write_views(self, con, temporary: bool = False, views: list[str] | None = None) -> None:
         """Each view = the registered shards of its stages' active fingerprints, absolute paths."""
-        for view, stages in VIEW_STAGES.items():
+        for view in views or VIEW_STAGES:
+            stages = VIEW_STAGES[view]
             files = [str(self.root / path) for (path,) in con.execute(
                 "SELECT s.path FROM shards s JOIN stages t USING (stage, fingerprint) "
                 "WHERE t.active AND s.stage IN (SELECT unnest(?)) ORDER BY s.stage, s.shard", [stages]).fetchall()]
