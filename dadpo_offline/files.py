@@ -1,4 +1,5 @@
-"""How our model folders land on disk: with the user's normal file mode, so a team can share a run.
+"""How our outputs land on disk: whole or not at all, and with the user's normal file mode, so a
+team can share a run.
 
 transformers writes `model.safetensors` through a private temporary file (mode 600); the other
 files of the same folder get the umask's mode (usually 644). Every model folder we write (a
@@ -25,3 +26,14 @@ def apply_umask(folder: str | Path) -> None:
     for path in folder.rglob("*"):
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)

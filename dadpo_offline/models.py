@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .cache.shards import file_sha256
 from .errors import ModelError
-from .files import apply_umask
+from .files import apply_umask, atomic_text
 from .package_data import SMOLLM2_GGUF, PackageDataMissing, installed_path
 
 EMBEDDED_PREFIX = "embedded:"
@@ -98,10 +98,7 @@ def weights_digest(directory: Path) -> str:
         digest.update(f"{file.name}:{memo[key][2]}".encode())
     if changed:
         try:  # a memo that cannot be written only costs a re-read next time
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            temp = memo_path.with_name(f"{memo_path.name}.tmp-{os.getpid()}")
-            temp.write_text(json.dumps(memo), encoding="utf-8")
-            os.replace(temp, memo_path)
+            atomic_text(memo_path, json.dumps(memo))
         except OSError:
             pass
     return digest.hexdigest()[:16]

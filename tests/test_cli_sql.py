@@ -1,6 +1,5 @@
 """`dadpo-offline sql` and `cache status`: output formats, read-only, exit codes."""
 import csv
-import hashlib
 import io
 import json
 
@@ -11,6 +10,7 @@ from click.testing import CliRunner
 
 from dadpo_offline.cache import open_cache
 from dadpo_offline.cli import main
+from test_cli_precompute import snapshot
 
 QUERY = "SELECT prompt_id, chosen_tokens, teacher_chosen_logp FROM pairs ORDER BY prompt_id"
 
@@ -63,11 +63,6 @@ def test_cache_status_lists_every_stage(small_cache):
     assert active["score-teacher"]["rows"] == 12
 
 
-def tree_hashes(*folders):
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for folder in folders for f in sorted(folder.rglob("*"))
-            if f.is_file()}
-
-
 # every way DuckDB offers to write: COPY, EXPLAIN ANALYZE of a writing statement (which runs it), ATTACH,
 # INSTALL/LOAD, SET of file settings, EXPORT, table functions that run SQL, DDL/DML, several statements
 WRITES = [
@@ -98,11 +93,11 @@ def test_sql_cannot_write_anything_anywhere(small_cache, tmp_path, statement):
     shard = sorted((small_cache / "pairs").rglob("shard-*.parquet"))[0]
     out = tmp_path / "out"
     out.mkdir()
-    before = tree_hashes(small_cache, out)
+    before = snapshot(small_cache), snapshot(out)
     result = invoke("sql", small_cache, statement.format(out=out, shard=shard))
     assert result.exit_code == 1 and result.output.startswith("Error: ") and len(result.output.splitlines()) == 1, \
         result.output
-    assert tree_hashes(small_cache, out) == before
+    assert (snapshot(small_cache), snapshot(out)) == before
     assert not any(out.iterdir())
 
 
@@ -131,7 +126,6 @@ def test_a_copied_run_folder_keeps_its_fingerprints_and_a_moved_cache_is_read_wi
     import shutil
 
     from conftest import PROMPTS, as_another_user, write_jsonl
-    from test_cli_precompute import snapshot
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,5 +1,4 @@
 """`dadpo-offline train`: exit codes, stdout summary, outputs; the dSFT model loads in transformers and vLLM."""
-import hashlib
 import json
 import shutil
 
@@ -8,6 +7,7 @@ from click.testing import CliRunner
 
 from conftest import build_tiny_student
 from dadpo_offline.cli import main
+from test_cli_precompute import snapshot
 
 QUIET = ["--set", "train.report_to=[]"]
 
@@ -167,10 +167,6 @@ def test_a_finished_stage_is_skipped_only_when_rerun_with_the_same_settings(tiny
     assert "skipped" not in train("--max-steps", 2, "--no-resume")
 
 
-def tree_hashes(folder):
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
 @pytest.fixture
 def cache_copy(tiny_cache, tmp_path):
     """A private copy of the tiny cache and its manifest, for a test to damage."""
@@ -201,7 +197,7 @@ def test_train_on_a_damaged_cache_names_the_shard_and_the_repair(cache_copy, tmp
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
-    before = tree_hashes(cache)
+    before = snapshot(cache)
     result = invoke("train", manifest, "--stage", stage, "--output-dir", tmp_path / "out", "--max-steps", 1, *QUIET)
     assert result.exit_code == 1 and "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
@@ -210,5 +206,5 @@ def test_train_on_a_damaged_cache_names_the_shard_and_the_repair(cache_copy, tmp
     assert errors[0].startswith(f"Error: damaged cache: {stage_dir} shard 0 ")
     assert f"dadpo-offline cache verify {cache}" in errors[0]
     assert f"dadpo-offline precompute MANIFEST --stage {producer}" in errors[0]
-    assert tree_hashes(cache) == before
+    assert snapshot(cache) == before
     assert not (tmp_path / "out" / stage / "model.safetensors").exists()

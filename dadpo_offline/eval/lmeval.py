@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..manifest import LmEvalConfig
 from ..models import ResolvedModel
 from ..precompute.engines import cuda_available, resolve_dtype
-from .results import atomic_text
+from ..files import atomic_text
 
 LOCAL_SUFFIX = "_local"
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")

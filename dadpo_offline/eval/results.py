@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +9,7 @@ import pyarrow as pa
 from ..cache.index import CacheIndex
 from ..cache.schema import EVAL_RESULTS
 from ..cache.shards import shard_path, write_shard
+from ..files import atomic_text
 
 HEADLINE = [  # (column title, suite, metric) in the comparison table
     ("MT-Bench", "mtbench", "overall"), ("MT-Bench T1", "mtbench", "turn1"), ("MT-Bench T2", "mtbench", "turn2"),
@@ -32,14 +32,6 @@ def save_results(cache: CacheIndex, run_dir: Path, run_id: str, rows: list[dict]
     cache.register("eval-results", run_id, 0, written)
     atomic_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     atomic_text(run_dir / "report.md", report)
-
-
-def atomic_text(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a reader sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
 
 
 def markdown_report(run_id: str, models: dict[str, str], judge: str | None, rows: list[dict]) -> str:
