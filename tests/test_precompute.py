@@ -188,7 +188,7 @@ def test_transformers_backend_fills_the_same_views(tmp_path, tiny_other_model):
     assert rows(cache, "SELECT count(*) FROM pairs") == [(3,)]
     settings = rows(cache, "SELECT settings FROM stages WHERE stage = 'score-teacher'")[0][0]
     assert json.loads(settings)["engine"]["backend"] == "transformers"
-    with pytest.raises(Exception, match="generate-teacher shard 0 is missing .* --stage generate"):
+    with pytest.raises(Exception, match="2 of the 2 generate-teacher shards to score are missing .* --stage generate"):
         precompute(load_manifest(manifest_path), stage="score")  # vLLM generations were never made
     vllm_scores = precompute(load_manifest(manifest_path, ["engine.backend=vllm"]), stage="all")
     assert [r.built for r in vllm_scores.stages] == [0, 2, 2, 2, 2, 2]  # another engine: new fingerprints
