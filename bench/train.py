@@ -88,7 +88,9 @@ def run_child(config: str, cache_dir: str, pairs: int, steps: int) -> dict:
     policy, tokenizer, _ = load_causal_lm(reference)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PairCollator(pad)
-    batches = [collate([{**r, "index": i} for i, r in enumerate(rows[k * pairs:(k + 1) * pairs])]) for k in range(steps + 1)]
+    batches = [collate([{**r, "index": k * pairs + i} for i, r in enumerate(rows[k * pairs:(k + 1) * pairs])])
+               for k in range(steps + 1)]
+    cached = rows.anchors().to(device)
     tokens = [int(b["attention_mask"].sum()) for b in batches]
     beta1, beta2 = 0.1, 0.01
     times: list[float] = []
@@ -108,7 +110,8 @@ def run_child(config: str, cache_dir: str, pairs: int, steps: int) -> dict:
                     ref, te = (plain_seq_logps(m, b) for m in frozen)  # same ids: the bench cache shares a tokenizer
                 anchors = [ref.double().chunk(2), te.double().chunk(2)]
             else:
-                anchors = [(b["ref_chosen_logp"], b["ref_rejected_logp"]), (b["teacher_chosen_logp"], b["teacher_rejected_logp"])]
+                ref_w, ref_l, te_w, te_l = cached[b["pair_index"]].unbind(-1)
+                anchors = [(ref_w, ref_l), (te_w, te_l)]
             c, r = logps.double().chunk(2)
             z = beta1 * ((c - anchors[0][0]) - (r - anchors[0][1])) + beta2 * ((c - anchors[1][0]) - (r - anchors[1][1]))
             (-F.logsigmoid(z)).mean().backward()
@@ -144,14 +147,7 @@ def run_child(config: str, cache_dir: str, pairs: int, steps: int) -> dict:
         if config == "live":
             ref_model = load_causal_lm(reference)[0].to(device).eval().requires_grad_(False)
 
-            class LiveReferenceTrainer(DadpoTrainer):
-                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                    with torch.no_grad():
-                        ref = sequence_logps(ref_model, inputs).double()
-                    inputs = {**inputs, "ref_chosen_logp": ref.chunk(2)[0], "ref_rejected_logp": ref.chunk(2)[1]}
-                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-            trainer_cls = LiveReferenceTrainer
+            trainer_cls = live_reference_trainer(ref_model)
         elif config == "policy":
             class PolicyOnlyTrainer(DadpoTrainer):
                 def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -163,7 +159,7 @@ def run_child(config: str, cache_dir: str, pairs: int, steps: int) -> dict:
                                  report_to="none", remove_unused_columns=False, disable_tqdm=True,
                                  dataloader_pin_memory=device.type == "cuda", bf16=False, seed=0)
         trainer = trainer_cls(model=policy, args=args, train_dataset=RowDataset(rows), data_collator=counting_collate,
-                              loss_name="dadpo" if config == "ours" else "ddpo", beta1=beta1,
+                              anchors=rows.anchors(), loss_name="dadpo" if config == "ours" else "ddpo", beta1=beta1,
                               beta2=beta2 if config == "ours" else 0.0, callbacks=[FiniteGradients(), Clock()])
         trainer.remove_callback(PrinterCallback)
         trainer.train()
@@ -206,9 +202,14 @@ def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
                              report_to="none", remove_unused_columns=False, disable_tqdm=True,
                              dataloader_pin_memory=device.type == "cuda")
     trainer = DadpoTrainer(model=policy, args=args, train_dataset=RowDataset(rows), data_collator=PairCollator(pad),
-                           loss_name="dadpo", beta1=0.1, beta2=0.01)
-    trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1  # set by the Trainer loop, which this bypasses
+                           anchors=rows.anchors(), loss_name="dadpo", beta1=0.1, beta2=0.01)
+    live = live_reference_trainer(ref_model)(model=policy, args=args, train_dataset=RowDataset(rows),
+                                             data_collator=PairCollator(pad), anchors=rows.anchors(), loss_name="dadpo",
+                                             beta1=0.1, beta2=0.01)
+    optimizer = trainer.create_optimizer()  # one optimiser for both Trainer paths, stepped below
+    for which in (trainer, live):
+        which.current_gradient_accumulation_steps = 1  # set by the Trainer loop, which this bypasses
+    cached = rows.anchors().to(device)
     adamw = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     check = FiniteGradients()
 
@@ -218,28 +219,23 @@ def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
             with torch.no_grad():
                 ref, te = (plain_seq_logps(m, batch).double().chunk(2) for m in (ref_model, te_model))
         else:
-            ref = (batch["ref_chosen_logp"], batch["ref_rejected_logp"])
-            te = (batch["teacher_chosen_logp"], batch["teacher_rejected_logp"])
+            ref_w, ref_l, te_w, te_l = cached[batch["pair_index"]].unbind(-1)
+            ref, te = (ref_w, ref_l), (te_w, te_l)
         c, r = logps.double().chunk(2)
         z = 0.1 * ((c - ref[0]) - (r - ref[1])) + 0.01 * ((c - te[0]) - (r - te[1]))
         (-F.logsigmoid(z)).mean().backward()
         adamw.step()
         adamw.zero_grad(set_to_none=True)
 
-    def trainer_step(live: bool):
-        inputs = batch
-        if live:  # TRL-style: the reference scored every step by a resident copy
-            with torch.no_grad():
-                ref = sequence_logps(ref_model, batch).double().chunk(2)
-            inputs = {**batch, "ref_chosen_logp": ref[0], "ref_rejected_logp": ref[1]}
-        trainer.training_step(policy, inputs)
+    def trainer_step(which):
+        which.training_step(policy, batch)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         check.on_pre_optimizer_step(args, TrainerState(), TrainerControl(), model=policy)
-        trainer.optimizer.step()
+        optimizer.step()
         policy.zero_grad(set_to_none=True)
 
-    steps = {"bare": lambda: hand_step(False), "ours": lambda: trainer_step(False),
-             "naive": lambda: hand_step(True), "live": lambda: trainer_step(True)}
+    steps = {"bare": lambda: hand_step(False), "ours": lambda: trainer_step(trainer),
+             "naive": lambda: hand_step(True), "live": lambda: trainer_step(live)}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for round_ in range(rounds + 1):  # round 0 warms up every path
         for name, step in steps.items():
@@ -251,6 +247,27 @@ def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
                 times[name].append(time.perf_counter() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()} | {"tokens": int(batch["attention_mask"].sum()),
                                                                         "rounds": rounds, "device": device.type}
+
+
+def live_reference_trainer(ref_model):
+    """TRL-style: the reference log-probs come from a resident copy scored every step."""
+    import torch
+
+    from dadpo_offline.train.dpo import DadpoTrainer
+    from dadpo_offline.train.logps import sequence_logps
+
+    class LiveReferenceTrainer(DadpoTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with torch.no_grad():
+                self.live_reference = sequence_logps(ref_model, inputs).double()
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def anchors_for(self, inputs):
+            cached = super().anchors_for(inputs).clone()
+            cached[:, 0], cached[:, 1] = self.live_reference.chunk(2)
+            return cached
+
+    return LiveReferenceTrainer
 
 
 def sync(device) -> None:

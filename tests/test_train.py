@@ -83,11 +83,8 @@ def test_dadpo_steps_lower_the_loss_and_raise_the_margins(tiny_cache, tmp_path):
     assert [h["loss"] for h in history] == sorted((h["loss"] for h in history), reverse=True)
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]
-    with open_cache(m.cache_dir).connect(read_only=True) as con:
-        (expected,) = con.execute("SELECT avg(ln(1 + exp(-? * ((ref_chosen_logp - teacher_chosen_logp) "
-                                  "- (ref_rejected_logp - teacher_rejected_logp))))) FROM pairs", [m.train.beta2]).fetchone()
     first = history[0]
-    assert first["loss"] == pytest.approx(expected, rel=1e-5)
+    assert first["loss"] == pytest.approx(first_step_loss_from_the_cache(m), rel=1e-5)
     assert first["loss"] > math.log(2)  # the teacher term is negative at step 0
     assert abs(first["ref_margin"]) < 1e-3
     assert first["rewards/margins"] == pytest.approx(first["ref_term"] + first["teacher_term"], abs=1e-6)
@@ -96,9 +93,51 @@ def test_dadpo_steps_lower_the_loss_and_raise_the_margins(tiny_cache, tmp_path):
                 "logps/chosen", "logps/rejected", "tokens_per_second"):
         assert key in first
     assert result["step0"]["token_mean"] < 1e-4  # same engine numerics as the cached reference
+    assert result["step0"]["anchor_max"] == 0.0
     out = tmp_path / "dadpo"
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     assert "beta2" in (out / "README.md").read_text()
+
+
+def first_step_loss_from_the_cache(m) -> float:
+    """Step 1 runs with policy = reference: its loss is known from the cache alone (float64, in DuckDB)."""
+    with open_cache(m.cache_dir).connect(read_only=True) as con:
+        return con.execute("SELECT avg(ln(1 + exp(-? * ((ref_chosen_logp - teacher_chosen_logp) "
+                           "- (ref_rejected_logp - teacher_rejected_logp))))) FROM pairs", [m.train.beta2]).fetchone()[0]
+
+
+def test_cached_numbers_reach_the_loss_exactly_through_a_deepspeed_input_cast(tiny_cache, tmp_path, monkeypatch):
+    """Under DeepSpeed the Trainer casts every floating batch input to the engine's dtype (bf16 rounds
+    −152.68 to −153.0). DeepSpeed needs a GPU, so a FAKE stands in for that one branch of
+    `Trainer._prepare_input`; the cached numbers must never be such an input."""
+    from transformers import Trainer
+
+    prepare = Trainer._prepare_input
+
+    def deepspeed_cast(self, data):  # FAKE: DeepSpeed's cast of floating inputs, as in Trainer._prepare_input
+        if isinstance(data, torch.Tensor) and torch.is_floating_point(data):
+            return data.to(self.args.device, dtype=torch.bfloat16)
+        return prepare(self, data)
+
+    monkeypatch.setattr(Trainer, "_prepare_input", deepspeed_cast)
+    m = load_manifest(tiny_cache, FAST + [f"train.output_dir={tmp_path}", "train.batch_size=12",
+                                          "train.micro_batch_size=12", "train.max_steps=1", "train.step0_pairs=12"])
+    result = train_dadpo(m, quiet=True)
+    assert result["history"][0]["loss"] == pytest.approx(first_step_loss_from_the_cache(m), rel=1e-6)
+    assert result["step0"]["anchor_max"] == 0.0 and result["step0"]["sequences"] == 24
+
+
+def test_step0_check_compares_the_numbers_the_loss_receives(tiny_cache, tmp_path, monkeypatch):
+    """Anchors rounded on their way to the loss (here: to bf16) stop training before step 1."""
+    from dadpo_offline.train.dpo import DadpoTrainer
+
+    exact = DadpoTrainer.anchors_for
+    monkeypatch.setattr(DadpoTrainer, "anchors_for", lambda self, inputs: exact(self, inputs).bfloat16().double())
+    m = load_manifest(tiny_cache, FAST + [f"train.output_dir={tmp_path}", "train.max_steps=1"])
+    with pytest.raises(TrainError, match=r"anchors the loss receives differ from the cache by at most [0-9.]+ nats "
+                                         r"— the loss would not receive the cached ref_chosen_logp"):
+        train_dadpo(m, quiet=True)
+    assert not (tmp_path / "dadpo" / "checkpoint-1").exists()
 
 
 def test_nonfinite_loss_stops_with_the_step_and_batch(tiny_cache, tiny_student, tmp_path):

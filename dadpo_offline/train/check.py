@@ -1,10 +1,14 @@
-"""Step-0 consistency check: does the policy reproduce the cached reference log-probs?
+"""Step-0 consistency check: does the loss receive the cached numbers, and does the policy reproduce them?
 
 daDPO's implicit rewards are differences between the policy's log-probs and the cached
-reference's. If the policy at step 0 is not the model (or not the numerics) the cache was
-scored with, every reward starts biased by that gap and training optimises noise. So before
-the first step we re-score a sample of cached sequences with the policy, exactly as training
-will (same forward, same autocast), and stop with a clear error when they disagree.
+reference's. Two things can bias every reward from the first step on, and both are checked on
+the first `pairs` train pairs before training starts:
+
+- the anchors: the reference and teacher log-probs the loss receives (through the Trainer's own
+  input preparation, where DeepSpeed casts floating inputs) must equal those stored in the
+  cache's `scores` view, read here by a separate query;
+- the policy: re-scored exactly as training will (same batches, forward and autocast), it must
+  reproduce the cached reference per token, within a tolerance set by the training dtype.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ import torch
 
 from ..cache.index import open_cache
 from ..errors import TrainError
-from .data import _pad
+from .data import ANCHORS
 from .logps import token_logps
+
+ANCHOR_TOLERANCE = 1e-9  # nats: float64 end to end, so any visible difference means something rounded them
 
 
 @dataclass(frozen=True)
@@ -28,60 +34,68 @@ class Step0Report:
     seq_max: float
     token_mean: float  # mean |policy − cached| per token, nats
     token_max: float
+    anchor_max: float  # max |what the loss receives − the cache| over the reference and teacher numbers, nats
     cached_reference: str  # the model the cache says it scored the reference with
 
     def line(self) -> str:
         return (f"step-0 check over {self.sequences} sequences ({self.tokens} tokens): |policy − cached reference| "
                 f"per sequence mean {self.seq_mean:.4f} max {self.seq_max:.4f} nats; "
-                f"per token mean {self.token_mean:.5f} max {self.token_max:.5f} nats")
+                f"per token mean {self.token_mean:.5f} max {self.token_max:.5f} nats; "
+                f"anchors the loss receives differ from the cache by at most {self.anchor_max:.2g} nats")
 
 
-def cached_reference_sequences(cache_dir: str, pairs: int) -> tuple[list[dict], str]:
-    """Both sides of the first `pairs` train pairs, as the reference scorer stored them."""
+def stored_scores(cache_dir: str, keys: list[tuple]) -> tuple[dict, str]:
+    """{(prompt_id, sample, role, scorer): (token log-probs, sequence log-prob)} straight from `scores`."""
     cache = open_cache(cache_dir)
     cache.check_intact(["scores"], "dadpo-offline precompute MANIFEST --stage score")
     with cache.connect(read_only=True) as con:
-        rows = con.execute("""
-            SELECT s.input_ids, s.prompt_len, s.token_logprobs, s.logprob
-            FROM (SELECT prompt_id, sample FROM pairs WHERE split = 'train' ORDER BY prompt_id, sample LIMIT ?) p
-            JOIN scores s ON s.prompt_id = p.prompt_id AND s.sample = p.sample AND s.scorer = 'reference'
-            ORDER BY s.prompt_id, s.sample, s.role""", [pairs]).fetchall()
+        con.execute("CREATE TEMP TABLE wanted (prompt_id VARCHAR, sample INTEGER)")
+        con.executemany("INSERT INTO wanted VALUES (?, ?)", keys)
+        rows = con.execute("SELECT prompt_id, sample, role, scorer, token_logprobs, logprob FROM scores "
+                           "JOIN wanted USING (prompt_id, sample)").fetchall()
         settings = con.execute("SELECT settings FROM stages WHERE stage = 'score-reference' AND active").fetchone()
     model = json.loads(settings[0]).get("model", "?") if settings else "?"
-    return [{"input_ids": r[0], "prompt_len": r[1], "token_logprobs": r[2], "logprob": r[3]} for r in rows], model
+    return {tuple(r[:4]): (r[4], r[5]) for r in rows}, model
 
 
-def measure(model, sequences: list[dict], pad_id: int, micro_batch: int = 8, autocast=None) -> tuple[list, list]:
-    """Per-sequence and per-token absolute gaps between the model and the cached numbers."""
+def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float, policy_name: str,
+                micro_batch: int = 4) -> Step0Report:
+    """Measure both gaps on the first `pairs` pairs, through `trainer`'s collator and input path."""
+    dataset = trainer.train_dataset
+    features = [dataset[i] for i in range(min(pairs, len(dataset)))]
+    stored, cached_model = stored_scores(cache_dir, [(f["prompt_id"], f["sample"]) for f in features])
+    autocast = trainer.accelerator.autocast
+    seq_gaps, token_gaps, anchor_gaps = [], [], []
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    seq_gaps, token_gaps = [], []
     try:
-        for start in range(0, len(sequences), micro_batch):
-            chunk = sequences[start:start + micro_batch]
-            ids, mask = _pad([s["input_ids"] for s in chunk], pad_id)
-            prompt_lens = torch.tensor([s["prompt_len"] for s in chunk])
-            seq_lens = torch.tensor([len(s["input_ids"]) for s in chunk])
+        for start in range(0, len(features), micro_batch):
+            chunk = features[start:start + micro_batch]
+            inputs = trainer._prepare_inputs(trainer.data_collator(chunk))  # the Trainer's own path, casts included
+            received = trainer.anchors_for(inputs).double().cpu()
             with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
-                logps, keep, first = token_logps(model, ids.to(device), mask.to(device), prompt_lens, seq_lens)
-            for row, s in enumerate(chunk):
-                lo, hi = s["prompt_len"] - first, len(s["input_ids"]) - first
-                ours = logps[row, lo:hi].double().cpu()
-                cached = torch.tensor(s["token_logprobs"], dtype=torch.float64)
-                token_gaps.extend((ours - cached).abs().tolist())
-                seq_gaps.append(abs(ours.sum().item() - s["logprob"]))
+                logps, _, first = token_logps(model, inputs["input_ids"], inputs["attention_mask"],
+                                              inputs["prompt_lens"], inputs["seq_lens"])
+            prompt_lens, seq_lens = inputs["prompt_lens"].tolist(), inputs["seq_lens"].tolist()
+            for row, f in enumerate(chunk):
+                key = (f["prompt_id"], f["sample"])
+                expected = [stored[(*key, role, scorer)][1] for scorer in ("reference", "teacher")
+                            for role in ("teacher", "student")]  # chosen = teacher's answer, rejected = student's
+                anchor_gaps.extend((received[row] - torch.tensor(expected, dtype=torch.float64)).abs().tolist())
+                for side, role in enumerate(("teacher", "student")):
+                    i = row + side * len(chunk)  # the collator puts chosen rows first, then rejected rows
+                    ours = logps[i, prompt_lens[i] - first:seq_lens[i] - first].double().cpu()
+                    cached_tokens = torch.tensor(stored[(*key, role, "reference")][0], dtype=torch.float64)
+                    token_gaps.extend((ours - cached_tokens).abs().tolist())
+                    seq_gaps.append(abs(ours.sum().item() - received[row, side].item()))
     finally:
         model.train(was_training)
-    return seq_gaps, token_gaps
-
-
-def step0_check(model, cache_dir: str, pad_id: int, pairs: int, max_token_gap: float, policy_name: str,
-                autocast=None) -> Step0Report:
-    sequences, cached_model = cached_reference_sequences(cache_dir, pairs)
-    seq_gaps, token_gaps = measure(model, sequences, pad_id, autocast=autocast)
     report = Step0Report(len(seq_gaps), len(token_gaps), sum(seq_gaps) / len(seq_gaps), max(seq_gaps),
-                         sum(token_gaps) / len(token_gaps), max(token_gaps), cached_model)
+                         sum(token_gaps) / len(token_gaps), max(token_gaps), max(anchor_gaps), cached_model)
+    if not report.anchor_max <= ANCHOR_TOLERANCE:
+        raise TrainError(
+            f"{report.line()} — the loss would not receive the cached {', '.join(ANCHORS)} as stored: something "
+            "between the cache and the loss rounds them (an input cast to the training dtype?). Nothing was trained")
     if not report.token_mean <= max_token_gap:  # also catches NaN
         raise TrainError(
             f"{report.line()} — above train.step0_max_token_gap={max_token_gap}. The policy ({policy_name}) does not "

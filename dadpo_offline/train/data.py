@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -17,9 +18,9 @@ import torch
 from ..cache.index import open_cache
 from ..errors import CacheError
 
+ANCHORS = ["ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp", "teacher_rejected_logp"]
 PAIR_COLUMNS = ["prompt_id", "sample", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
-                "rejected_prompt_len", "ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp",
-                "teacher_rejected_logp", "chosen_tokens", "rejected_tokens"]
+                "rejected_prompt_len", *ANCHORS, "chosen_tokens", "rejected_tokens"]
 
 
 class Rows:
@@ -38,6 +39,10 @@ class Rows:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    def anchors(self) -> torch.Tensor:
+        """The cached log-probs, [pairs, 4] float64 in `ANCHORS` order, row i = pair i."""
+        return torch.from_numpy(np.column_stack([self.table.column(c).to_numpy() for c in ANCHORS]).astype(np.float64))
 
     def max_token_id(self) -> int:
         return max(pc.max(pc.list_flatten(self.table.column(c))).as_py() for c in ("chosen_input_ids", "rejected_input_ids"))
@@ -116,21 +121,23 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 @dataclass
 class PairCollator:
-    """Chosen rows first, then rejected rows, right-padded: one forward scores both sides."""
+    """Chosen rows first, then rejected rows, right-padded: one forward scores both sides.
+
+    A batch holds integers only. The cached log-probs stay out of it, because the Trainer casts
+    every floating input to DeepSpeed's dtype (bf16 turns −152.68 into −153.0); the loss looks
+    them up in float64 by `pair_index` instead (`DadpoTrainer.anchors_for`).
+    """
 
     pad_id: int
 
     def __call__(self, features: list[dict]) -> dict:
         seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         ids, mask = _pad(seqs, self.pad_id)
-        as64 = lambda key: torch.tensor([f[key] for f in features], dtype=torch.float64)
         return {
             "input_ids": ids, "attention_mask": mask,
             "prompt_lens": torch.tensor([f["chosen_prompt_len"] for f in features]
                                         + [f["rejected_prompt_len"] for f in features], dtype=torch.long),
             "seq_lens": torch.tensor([len(s) for s in seqs], dtype=torch.long),
-            "ref_chosen_logp": as64("ref_chosen_logp"), "ref_rejected_logp": as64("ref_rejected_logp"),
-            "teacher_chosen_logp": as64("teacher_chosen_logp"), "teacher_rejected_logp": as64("teacher_rejected_logp"),
             "pair_index": torch.tensor([f["index"] for f in features], dtype=torch.long),
         }
 

@@ -36,19 +36,29 @@ METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/
 class DadpoTrainer(Trainer):
     """Trainer whose loss is a registered preference loss of cached and policy log-probs."""
 
-    def __init__(self, *args, loss_name: str, beta1: float, beta2: float, **kwargs):
+    def __init__(self, *args, anchors: torch.Tensor, loss_name: str, beta1: float, beta2: float, **kwargs):
         super().__init__(*args, **kwargs)
+        self.anchors = anchors  # [pairs, 4] float64, `data.ANCHORS` order; moved to the loss's device once
         self.loss_fn = LOSSES[loss_name]
         self.beta1, self.beta2 = beta1, beta2
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self._sums = None  # on the loss's device: metrics, pair count, tokens; read only when logging (no syncs)
         self._clock = time.perf_counter()
 
+    def anchors_for(self, inputs: dict) -> torch.Tensor:
+        """The cached log-probs of the batch's pairs, exactly as stored: they never pass through
+        the Trainer's input preparation, so no DeepSpeed or autocast dtype can round them."""
+        index = inputs["pair_index"]
+        if self.anchors.device != index.device:
+            self.anchors = self.anchors.to(index.device)
+        return self.anchors[index]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = sequence_logps(model, inputs)
         chosen, rejected = logps.chunk(2)
-        out = self.loss_fn(chosen, rejected, inputs["ref_chosen_logp"], inputs["ref_rejected_logp"],
-                           inputs["teacher_chosen_logp"], inputs["teacher_rejected_logp"], self.beta1, self.beta2)
+        ref_chosen, ref_rejected, teacher_chosen, teacher_rejected = self.anchors_for(inputs).unbind(-1)
+        out = self.loss_fn(chosen, rejected, ref_chosen, ref_rejected, teacher_chosen, teacher_rejected,
+                           self.beta1, self.beta2)
         loss = out.losses.mean()
         if not torch.isfinite(loss):
             rows = inputs["pair_index"].tolist()
@@ -105,17 +115,15 @@ class Step0Check(TrainerCallback):
     Skipped on resume: the policy has moved away from the reference by design.
     """
 
-    def __init__(self, trainer, cache_dir: str, pad_id: int, pairs: int, max_token_gap: float, policy_name: str,
-                 quiet: bool):
-        self.trainer, self.cache_dir, self.pad_id = trainer, cache_dir, pad_id
-        self.pairs, self.max_token_gap, self.policy_name, self.quiet = pairs, max_token_gap, policy_name, quiet
+    def __init__(self, trainer, cache_dir: str, pairs: int, max_token_gap: float, policy_name: str, quiet: bool):
+        self.trainer, self.cache_dir, self.pairs = trainer, cache_dir, pairs
+        self.max_token_gap, self.policy_name, self.quiet = max_token_gap, policy_name, quiet
         self.report = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step > 0 or not self.pairs:
             return
-        self.report = step0_check(model, self.cache_dir, self.pad_id, self.pairs, self.max_token_gap,
-                                  self.policy_name, autocast=self.trainer.accelerator.autocast)
+        self.report = step0_check(self.trainer, model, self.pairs, self.cache_dir, self.max_token_gap, self.policy_name)
         if not self.quiet and state.is_world_process_zero:
             print(self.report.line(), file=sys.stderr, flush=True)
 
@@ -152,11 +160,11 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     args = training_arguments(t, output, t.learning_rate, t.epochs)
     trainer = DadpoTrainer(model=model, args=args, train_dataset=RowDataset(pairs), data_collator=PairCollator(pad_id),
-                           processing_class=tokenizer, loss_name=t.loss, beta1=beta1, beta2=beta2,
+                           processing_class=tokenizer, anchors=pairs.anchors(), loss_name=t.loss, beta1=beta1, beta2=beta2,
                            callbacks=[FiniteGradients(), CheckpointCare()] + ([] if quiet else [EchoLogs()])
                            + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
-    check = Step0Check(trainer, manifest.cache_dir, pad_id, t.step0_pairs, t.step0_max_token_gap, init, quiet)
+    check = Step0Check(trainer, manifest.cache_dir, t.step0_pairs, t.step0_max_token_gap, init, quiet)
     trainer.add_callback(check)
     resume_from = resume_checkpoint(output, t.resume, identity)
     result = trainer.train(resume_from_checkpoint=resume_from)
