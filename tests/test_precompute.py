@@ -238,3 +238,75 @@ def test_engine_identity_holds_every_setting_that_moves_the_numbers():
     assert engine_identity("transformers", "float32", EngineConfig(batch_tokens=4096)) != \
         engine_identity("transformers", "float32", EngineConfig())
     assert engine_identity("vllm", "bfloat16", EngineConfig(shard_size=8)) == base  # only the unit of work
+
+
+def stamped_templates(directory, stamp):
+    """Chat templates (student: SmolLM2's layout; teacher: the tiny model's) that render `stamp` into each prompt."""
+    student = directory / "student.jinja"
+    student.write_text("<|im_start|>system\nNow: " + stamp + "<|im_end|>\n{% for m in messages %}<|im_start|>"
+                       "{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", encoding="utf-8")
+    teacher = directory / "teacher.jinja"
+    teacher.write_text("<sys>" + stamp + "<eot>{% for m in messages %}{% if m['role'] == 'user' %}<user>{% else %}<bot>"
+                       "{% endif %}{{ m['content'] }}<eot>{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}",
+                       encoding="utf-8")
+    return [f"student.chat_template={student}", f"teacher.chat_template={teacher}"]
+
+
+def test_a_clock_in_the_chat_template_renders_each_prompt_once_for_every_stage(tmp_path, tiny_student, tiny_other_model):
+    """Llama-3.x templates render `strftime_now(...)`; here down to the microsecond, so any second
+    rendering would differ. Every stage and dSFT must read the ids the prompts stage stored, and a
+    rebuild (another job, another day) must render the same ids under the same fingerprint."""
+    from transformers import AutoTokenizer
+
+    from dadpo_offline.precompute.chat import load_chat_format
+    from dadpo_offline.models import resolve_model
+    from dadpo_offline.train.data import load_sft_examples
+
+    stamp = stamped_templates(tmp_path, "{{ strftime_now('%d %b %Y %H:%M:%S.%f') }}")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:3])
+    settings = stamp + ["engine.backend=transformers"]
+    built = []
+    for name in ("cache", "rebuilt"):
+        manifest = load_manifest(write_manifest(tmp_path, prompts, tmp_path / name, teacher=tiny_other_model,
+                                                student=tiny_student, max_tokens=8), settings)
+        precompute(manifest)
+        built.append({r["stage"]: r["fingerprint"] for r in open_cache(tmp_path / name).status()})
+    assert built[0] == built[1]
+    cache = tmp_path / "cache"
+    assert rows(cache, "SELECT count(*) FROM prompts p JOIN rebuilt.prompts q USING (prompt_id) "
+                       "WHERE p.student_prompt_ids = q.student_prompt_ids AND p.teacher_prompt_ids = q.teacher_prompt_ids"
+                .replace("rebuilt.prompts", f"read_parquet('{tmp_path}/rebuilt/prompts/*/*.parquet')")) == [(3,)]
+    student_tok = AutoTokenizer.from_pretrained(tiny_student)
+    for (ids,) in rows(cache, "SELECT student_prompt_ids FROM prompts"):
+        assert "Now: 01 Jan 2026 00:00:00.000000" in student_tok.decode(ids)  # chat.TEMPLATE_DATE, not the wall clock
+    assert rows(cache, """SELECT count(*) FROM generations g JOIN prompts p USING (prompt_id)
+                          WHERE g.prompt_token_ids = CASE g.role WHEN 'student' THEN p.student_prompt_ids
+                                                                 ELSE p.teacher_prompt_ids END""") == [(6,)]
+    pairs = rows(cache, """SELECT c.prompt_id, chosen_input_ids, chosen_prompt_len, rejected_input_ids, rejected_prompt_len,
+                                  student_prompt_ids FROM pairs c JOIN prompts p USING (prompt_id) ORDER BY 1""")
+    assert len(pairs) == 3
+    for _, chosen, chosen_len, rejected, rejected_len, stored in pairs:
+        assert chosen[:chosen_len] == rejected[:rejected_len] == stored
+    fmt = load_chat_format(resolve_model(str(tiny_student)), chat_template=str(tmp_path / "student.jinja"))
+    examples = load_sft_examples(str(cache), fmt)
+    assert [(e["input_ids"], e["prompt_len"]) for e in examples] == [(p[1], p[2]) for p in pairs]
+
+
+def test_a_template_that_renders_differently_gets_new_fingerprints_and_says_so(tmp_path, tiny_student,
+                                                                               tiny_other_model, capsys):
+    """A template with a random value renders the same prompts to new ids on every run: the rerun must
+    neither reuse the old shards nor mix old and new ids, and it says why everything is rebuilt."""
+    stamp = stamped_templates(tmp_path, "{{ range(99999) | random }}")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:2])
+    path = write_manifest(tmp_path, prompts, tmp_path / "cache", teacher=tiny_other_model, student=tiny_student,
+                          max_tokens=4)
+    first = precompute(load_manifest(path, stamp + ["engine.backend=transformers"]))
+    capsys.readouterr()
+    second = precompute(load_manifest(path, stamp + ["engine.backend=transformers"]))
+    assert "render the same prompts to other token ids than the cache holds" in capsys.readouterr().err
+    assert [r.built for r in second.stages] == [1, 1, 1, 1, 1, 1]
+    assert {r.fingerprint for r in first.stages}.isdisjoint(r.fingerprint for r in second.stages)
+    for chosen, chosen_len, rejected, rejected_len in rows(tmp_path / "cache", """
+            SELECT chosen_input_ids, chosen_prompt_len, rejected_input_ids, rejected_prompt_len FROM pairs"""):
+        assert chosen[:chosen_len] == rejected[:rejected_len]

@@ -17,6 +17,8 @@ PROMPTS = pa.schema([
     ("student_prompt_tokens", pa.int32()),
     ("teacher_prompt_tokens", pa.int32()),
     ("shard", pa.int32()),  # which work shard the prompt belongs to
+    ("student_prompt_ids", ids),  # rendered once, here; every later stage and dSFT read these
+    ("teacher_prompt_ids", ids),
 ])
 
 GENERATIONS = pa.schema([

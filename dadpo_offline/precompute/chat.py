@@ -3,15 +3,28 @@
 Each model sees text through its own tokenizer: the teacher scores the student's words with
 the teacher's vocabulary, so sequence log-probs need no shared vocabulary. When the generator
 and the scorer share a tokenizer, the generator's exact ids are reused, never re-tokenised.
+
+Prompts are rendered once, by the prompts stage, and their ids stored; later stages read those
+ids. Templates that stamp the date (Llama 3.x: `strftime_now`) see a fixed clock, TEMPLATE_DATE,
+so every job, rerun and day renders a prompt to the same ids.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from ..errors import ModelError
 from ..models import ResolvedModel
+
+
+TEMPLATE_DATE = datetime(2026, 1, 1)
+
+
+def template_clock(fmt: str) -> str:
+    """`strftime_now` as chat templates see it: always TEMPLATE_DATE, never the wall clock."""
+    return TEMPLATE_DATE.strftime(fmt)
 
 
 @dataclass
@@ -22,7 +35,8 @@ class ChatFormat:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Template with the assistant header appended: what the model continues from."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 strftime_now=template_clock)  # shadows the template's wall clock
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
@@ -32,15 +46,16 @@ class ChatFormat:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ids + [self.end_of_turn_id] if finished else ids
 
-    def sequence(self, generation: dict, messages: list[dict], generator_identity: str) -> tuple[list[int], list[int]]:
+    def sequence(self, generation: dict, prompt_ids: list[int], generator_identity: str) -> tuple[list[int], list[int]]:
         """(prompt ids, response ids) of a cached generation as this model reads it.
 
         Same tokenizer and template as the generator: the sampled ids, unchanged. Otherwise the
-        same text through this model's own template and tokenizer.
+        prompt as the prompts stage rendered it for this model (`prompt_ids`), and the response
+        text through this model's tokenizer.
         """
         if generator_identity == self.identity:
             return list(generation["prompt_token_ids"]), list(generation["response_token_ids"])
-        return self.prompt_ids(messages), self.response_ids(generation["text"], finished=not generation["truncated"])
+        return list(prompt_ids), self.response_ids(generation["text"], finished=not generation["truncated"])
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

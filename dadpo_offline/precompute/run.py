@@ -8,6 +8,7 @@ flight, and nothing is ever duplicated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -97,10 +98,14 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     backend = pick_backend(manifest.engine.backend)
     roles = {name: model_role(name, getattr(manifest, name) if name != "reference" else manifest.reference_model)
              for name in ("student", "teacher", "reference")}
-    fitted, lengths, seen = [], [], set()
+    if roles["reference"].fmt.identity != roles["student"].fmt.identity:
+        raise InputError(f"the reference ({roles['reference'].model.reference}) reads text differently from the student "
+                         f"({roles['student'].model.reference}): another tokenizer, chat template or end-of-turn token. "
+                         "The reference's token ids are the ones the student trains on, so they must be the same")
+    fitted, rendered, seen = [], [], set()
     for prompt in prompts:
-        kept, n = fit_prompt(prompt, [roles["student"].fmt, roles["teacher"].fmt],
-                             manifest.prompts.max_prompt_tokens, manifest.prompts.long_prompts)
+        kept, ids = fit_prompt(prompt, [roles["student"].fmt, roles["teacher"].fmt],
+                               manifest.prompts.max_prompt_tokens, manifest.prompts.long_prompts)
         if kept is None:
             counts["too_long"] += 1
         elif kept.prompt_id in seen:  # truncation can shorten a conversation into another prompt
@@ -108,7 +113,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         else:
             seen.add(kept.prompt_id)
             fitted.append(kept)
-            lengths.append(n)
+            rendered.append(ids)
     if not fitted:
         raise InputError(f"all {len(prompts)} prompts are longer than prompts.max_prompt_tokens="
                          f"{manifest.prompts.max_prompt_tokens}")
@@ -120,7 +125,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     # 2. Fingerprints: every setting that shapes a stage's rows.
     prompt_settings = {"prompts": [[p.prompt_id, p.split, p.category] for p in fitted],  # moving one to heldout counts
                        "config": _portable(manifest_dict(manifest)["prompts"]),
-                       "formats": [roles["student"].fmt.identity, roles["teacher"].fmt.identity], "shard_size": shard_size}
+                       "formats": [roles["student"].fmt.identity, roles["teacher"].fmt.identity], "shard_size": shard_size,
+                       "ids": fingerprint(rendered)}  # what the templates rendered, so no rebuild can differ silently
     fps = {"prompts": fingerprint(prompt_settings)}
     settings = {"prompts": prompt_settings}
     for role in ("student", "teacher"):
@@ -145,7 +151,9 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     wanted = {"all": ["prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference", "pairs"],
               "prompts": ["prompts"], "generate": ["prompts", "generate-student", "generate-teacher"],
               "score": ["prompts", "score-teacher", "score-reference", "pairs"]}[stage]
-    all_prompts = prompts_table(fitted, lengths, shard_size)
+    _say_if_rendered_differently(cache, settings["prompts"])
+    all_prompts = prompts_table(fitted, rendered, shard_size)
+    shard_prompts = lambda k: all_prompts.filter(pc.equal(all_prompts["shard"], k))
     try:
         for name in wanted:
             fp = fps[name]
@@ -166,18 +174,20 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
                 if name == "prompts":
                     table = all_prompts
                 elif name == "pairs":
-                    table = pairs_shard(all_prompts.filter(pc.equal(all_prompts["shard"], k)),
+                    table = pairs_shard(shard_prompts(k),
                                         _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate"),
                                         _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"))
                 elif name.startswith("generate-"):
                     role = roles[name.split("-", 1)[1]]
-                    table = generate_shard(shards[k], role.name, role.fmt, engines.get(role),
+                    table = generate_shard(shard_prompts(k), role.name, role.fmt, engines.get(role),
                                            getattr(manifest.generate, role.name), manifest.generate.samples_per_prompt)
                 else:
                     role = roles[name.split("-", 1)[1]]
                     generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
-                    table = score_shard(shards[k], generations, {"teacher": roles["teacher"].fmt,
-                                        "student": roles["student"].fmt}, role.name, role.fmt, engines.get(role))
+                    ids_column = "teacher_prompt_ids" if role.name == "teacher" else "student_prompt_ids"
+                    table = score_shard(shard_prompts(k), generations, {"teacher": roles["teacher"].fmt,
+                                        "student": roles["student"].fmt}, role.name, role.fmt, engines.get(role),
+                                        ids_column)
                 written = write_shard(table, shard_path(stage_dir, k), {"stage": name, "fingerprint": fp, "shard": k})
                 cache.register(name, fp, k, written)
                 report.built += 1
@@ -202,6 +212,19 @@ def model_role(name: str, config) -> Role:
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
     return {"model": role.model.portable_name, "revision": role.model.revision, "chat_format": role.fmt.identity,
             "engine": engine_identity(backend, role.dtype, manifest.engine)}
+
+
+def _say_if_rendered_differently(cache: CacheIndex, prompt_settings: dict) -> None:
+    """Same prompts and templates, other ids than the cache's active prompts stage (another
+    tokenizers version, a template that reads a clock or a random value): a new fingerprint, said."""
+    with cache.connect(read_only=True) as con:
+        row = con.execute("SELECT settings FROM stages WHERE stage = 'prompts' AND active").fetchone()
+    before = json.loads(row[0]) if row else {}
+    if "ids" in before and before["ids"] != prompt_settings["ids"] and \
+            {**before, "ids": None} == json.loads(json.dumps({**prompt_settings, "ids": None})):
+        tqdm.write("prompts: the chat templates render the same prompts to other token ids than the cache holds "
+                   "(another tokenizer version, or a template that reads a clock or a random value); every stage "
+                   "is rebuilt under new fingerprints", file=sys.stderr)
 
 
 def _portable(prompts_config: dict) -> dict:

@@ -19,31 +19,34 @@ from .engines import Request
 from .prompts import Prompt, make_prompt
 
 
-def fit_prompt(prompt: Prompt, formats: list[ChatFormat], max_tokens: int, mode: str) -> tuple[Prompt | None, list[int]]:
-    """Return the prompt (or its shortened form) that fits under every model's template, or None."""
+def fit_prompt(prompt: Prompt, formats: list[ChatFormat], max_tokens: int, mode: str) -> tuple[Prompt | None, list]:
+    """Return the prompt (or its shortened form) that fits under every model's template, or None,
+    with its ids under each format."""
     messages = prompt.as_messages()
     while True:
-        lengths = [len(f.prompt_ids(messages)) for f in formats]
-        if max(lengths) <= max_tokens:
+        rendered = [f.prompt_ids(messages) for f in formats]
+        if max(len(ids) for ids in rendered) <= max_tokens:
             if len(messages) == len(prompt.messages):
-                return prompt, lengths
-            return make_prompt(messages, prompt.source, prompt.split, prompt.category), lengths
+                return prompt, rendered
+            return make_prompt(messages, prompt.source, prompt.split, prompt.category), rendered
         system = [m for m in messages[:1] if m["role"] == "system"]
         rest = messages[len(system):]
         if mode != "truncate" or len(rest) <= 1:
-            return None, lengths
+            return None, rendered
         rest = rest[1:]
         while rest and rest[0]["role"] != "user":  # a conversation restarts on a user turn
             rest = rest[1:]
         messages = system + rest
 
 
-def prompts_table(prompts: list[Prompt], lengths: list[list[int]], shard_size: int) -> pa.Table:
+def prompts_table(prompts: list[Prompt], rendered: list[list[list[int]]], shard_size: int) -> pa.Table:
+    """One row per prompt; `rendered[i]` = (student ids, teacher ids) of prompt i."""
     return pa.Table.from_pylist([{
         "prompt_id": p.prompt_id, "source": p.source, "split": p.split, "category": p.category,
         "messages": json.dumps(p.as_messages(), ensure_ascii=False), "n_turns": len(p.messages),
-        "student_prompt_tokens": n[0], "teacher_prompt_tokens": n[1], "shard": i // shard_size,
-    } for i, (p, n) in enumerate(zip(prompts, lengths))], schema=PROMPTS)
+        "student_prompt_tokens": len(student), "teacher_prompt_tokens": len(teacher), "shard": i // shard_size,
+        "student_prompt_ids": student, "teacher_prompt_ids": teacher,
+    } for i, (p, (student, teacher)) in enumerate(zip(prompts, rendered))], schema=PROMPTS)
 
 
 def request_seed(seed: int, prompt_id: str, sample: int, role: str) -> int:
@@ -51,14 +54,14 @@ def request_seed(seed: int, prompt_id: str, sample: int, role: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{sample}:{role}".encode()).digest()[:7], "big")
 
 
-def generate_shard(prompts: list[Prompt], role: str, fmt: ChatFormat, engine, sampling: SamplingConfig,
+def generate_shard(prompts: pa.Table, role: str, fmt: ChatFormat, engine, sampling: SamplingConfig,
                    samples: int) -> pa.Table:
+    """`samples` answers by `role` to each prompt of a prompts shard, from its stored ids."""
     keys, requests = [], []
-    for prompt in prompts:
-        ids = fmt.prompt_ids(prompt.as_messages())
+    for prompt_id, ids in zip(prompts["prompt_id"].to_pylist(), prompts[f"{role}_prompt_ids"].to_pylist()):
         for sample in range(samples):
-            seed = request_seed(sampling.seed, prompt.prompt_id, sample, role)
-            keys.append((prompt.prompt_id, sample, seed))
+            seed = request_seed(sampling.seed, prompt_id, sample, role)
+            keys.append((prompt_id, sample, seed))
             requests.append(Request(ids, sampling.temperature, sampling.top_p, sampling.max_tokens, seed))
     completions = engine.generate(requests)
     return pa.Table.from_pylist([{
@@ -69,17 +72,18 @@ def generate_shard(prompts: list[Prompt], role: str, fmt: ChatFormat, engine, sa
     } for (pid, sample, seed), req, out in zip(keys, requests, completions)], schema=GENERATIONS)
 
 
-def score_shard(prompts: list[Prompt], generations: pa.Table, generator_formats: dict[str, ChatFormat],
-                scorer: str, fmt: ChatFormat, engine) -> pa.Table:
+def score_shard(prompts: pa.Table, generations: pa.Table, generator_formats: dict[str, ChatFormat],
+                scorer: str, fmt: ChatFormat, engine, ids_column: str) -> pa.Table:
     """Log-probs of every response under `scorer`, in the scorer's own token ids.
 
-    Same tokenizer as the generator: reuse the sampled ids exactly. Another tokenizer: the same
-    text through the scorer's tokenizer and template (sentence-level, so no shared vocabulary).
+    Same tokenizer as the generator: reuse the sampled ids exactly. Another tokenizer: the prompt
+    as stored for the scorer's template (`ids_column` of the prompts shard) and the response text
+    through the scorer's tokenizer (sentence-level, so no shared vocabulary).
     """
-    messages = {p.prompt_id: p.as_messages() for p in prompts}
+    stored = dict(zip(prompts["prompt_id"].to_pylist(), prompts[ids_column].to_pylist()))
     rows, sequences, prompt_lens = [], [], []
     for row in generations.to_pylist():
-        prompt_ids, response_ids = fmt.sequence(row, messages[row["prompt_id"]], generator_formats[row["role"]].identity)
+        prompt_ids, response_ids = fmt.sequence(row, stored[row["prompt_id"]], generator_formats[row["role"]].identity)
         rows.append(row)
         sequences.append(prompt_ids + response_ids)
         prompt_lens.append(len(prompt_ids))

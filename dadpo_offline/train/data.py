@@ -81,27 +81,32 @@ def check_lengths(ids: list[int], prompt_len: int, n_tokens: int, prompt_id: str
 def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list[dict]:
     """Teacher responses as student token ids: (input_ids, prompt_len) per teacher generation.
 
-    `ChatFormat.sequence` decides, as phase one's score stage does, so dSFT trains on the same
-    ids that the reference is later scored on.
+    `ChatFormat.sequence` decides, as phase one's score stage does, from the prompt ids the
+    prompts stage stored for the student: dSFT trains on the same ids that the reference is
+    later scored on, whatever day or clock the template would render today.
     """
     cache = open_cache(cache_dir)
     cache.ready_fingerprint("generate-teacher", "generate")
     cache.check_intact(["prompts", "generations"], "dadpo-offline precompute MANIFEST --stage generate")
     with cache.connect(read_only=True) as con:
-        row = con.execute("SELECT settings FROM stages WHERE stage = 'generate-teacher' AND active").fetchone()
+        teacher, prompts = (con.execute("SELECT settings FROM stages WHERE stage = ? AND active", [stage]).fetchone()
+                            for stage in ("generate-teacher", "prompts"))
         rows = con.execute(
-            "SELECT g.prompt_id, g.sample, g.prompt_token_ids, g.response_token_ids, g.text, g.truncated, p.messages "
-            "FROM generations g JOIN prompts p USING (prompt_id) WHERE g.role = 'teacher' AND p.split = ? "
-            "ORDER BY g.prompt_id, g.sample", [split]).fetchall()
-    if row is None or not rows:
+            "SELECT g.prompt_id, g.sample, g.prompt_token_ids, g.response_token_ids, g.text, g.truncated, "
+            "p.student_prompt_ids FROM generations g JOIN prompts p USING (prompt_id) "
+            "WHERE g.role = 'teacher' AND p.split = ? ORDER BY g.prompt_id, g.sample", [split]).fetchall()
+    if teacher is None or not rows:
         raise CacheError(f"no teacher generations for split {split} in {cache.root} — "
                          "run: dadpo-offline precompute MANIFEST --stage generate")
-    teacher_format = json.loads(row[0]).get("chat_format")
+    if json.loads(prompts[0])["formats"][0] != student_fmt.identity:
+        raise CacheError(f"the prompts in {cache.root} were rendered for another student tokenizer or chat template "
+                         "than this manifest's — run: dadpo-offline precompute MANIFEST --stage generate")
+    teacher_format = json.loads(teacher[0]).get("chat_format")
     examples = []
-    for prompt_id, sample, prompt_token_ids, response_token_ids, text, truncated, messages in rows:
+    for prompt_id, sample, prompt_token_ids, response_token_ids, text, truncated, student_prompt_ids in rows:
         generation = {"prompt_token_ids": prompt_token_ids, "response_token_ids": response_token_ids, "text": text,
                       "truncated": truncated}
-        prompt_ids, response_ids = student_fmt.sequence(generation, json.loads(messages), teacher_format)
+        prompt_ids, response_ids = student_fmt.sequence(generation, student_prompt_ids, teacher_format)
         if not response_ids:
             continue
         examples.append({"prompt_id": prompt_id, "sample": sample, "input_ids": list(prompt_ids) + list(response_ids),
