@@ -27,7 +27,7 @@ demo: setup
 	$(OFFLINE) $(VENV)/bin/dadpo-offline run
 
 test: setup
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(OFFLINE) $(PY) bench/precompute.py

@@ -5,7 +5,8 @@
 # through vLLM on CUDA. Steps: GPU info; `make setup` (it picks the CUDA vLLM build via nvidia-smi);
 # a real precompute of the demo manifest on vLLM into a temp cache (generation and scoring tok/s);
 # the |sequence log-prob| gap of vLLM and transformers in bf16 and fp32 against a transformers fp32
-# forward; bench/precompute.py in a quick mode (vLLM vs transformers in fp32, a smaller DuckDB part).
+# forward; bench/precompute.py in a quick mode (vLLM vs transformers in fp32, a smaller DuckDB part);
+# three daDPO steps in bf16 under DeepSpeed ZeRO-3 and under FSDP2, printing the step-0 gaps.
 # Exits 0 when every step ran, 1 when one failed, 3 when the environment lacks a package (it says
 # which), 124 when the time budget ran out. Perf targets are printed, not enforced.
 #
@@ -140,6 +141,24 @@ step "bench/precompute.py (quick)" bash -c '
   grep -q "== targets ==" "$1" || exit $(( rc ? rc : 1 ))
   (( rc == 0 )) || echo "note: bench/precompute.py missed a target (see its table); not a smoke failure"
 ' "$PY" "$WORK/bench.txt"
+
+# 4. A few daDPO steps in bf16 under DeepSpeed ZeRO-3 and under FSDP2 (one GPU each), on the cache of
+#    step 1. The step-0 line shows the gap between the cached anchors and the numbers the loss
+#    receives (0 unless an input cast rounds them) and the policy's per-token gap in bf16.
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
+  step "pip install deepspeed" "$PY" -m pip install -q deepspeed
+fi
+for launcher in deepspeed fsdp; do
+  step "daDPO, 3 steps, bf16 under $launcher" bash -c '
+    set -o pipefail
+    "$0"/accelerate launch --config_file "manifests/accelerate_$1.yaml" --num_processes 1 -m dadpo_offline train \
+      manifests/demo.yaml --stage dadpo --set cache_dir="$2/cache" --set prune.source=null \
+      --set student.model=embedded:smollm2-135m-instruct --set train.output_dir="$2/train-$1" \
+      --set train.max_steps=3 --set train.bf16=true --set train.batch_size=8 --set train.micro_batch_size=8 \
+      2> >(tee "$2/$1.log" >&2)
+    grep -h "step-0 check" "$2/$1.log"
+  ' "$(dirname "$PY")" "$launcher" "$WORK"
+done
 
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
 log "GPU smoke passed in $(( $(date +%s) - START )) s"

@@ -72,6 +72,13 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class PairsConfig:
+    # Answers that must have ended (end-of-turn token, not cut at max_tokens) for a pair to be trained
+    # on. A cut answer has no ending: pairing it biases the preference by length and by the end token.
+    require_finished: Literal["both", "chosen", "none"] = "both"
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     loss: Literal["dadpo", "ddpo", "rdpo"] = "dadpo"  # ddpo: beta2 = 0; rdpo: beta1 = 0
     compare: list[Literal["dadpo", "ddpo", "rdpo"]] = field(default_factory=lambda: ["ddpo"])  # `run` trains these too, same budget
@@ -99,7 +106,7 @@ class TrainConfig:
     sft_learning_rate: float = 2e-5  # dSFT is ordinary fine-tuning: a usual SFT rate
     sft_epochs: int = 1
     step0_pairs: int = 8  # pairs re-scored before daDPO to compare with the cached reference; 0 skips
-    step0_max_token_gap: float = 0.05  # nats/token (mean |policy − cached reference|) above which training stops
+    step0_max_token_gap: Optional[float] = None  # nats/token (mean |policy − cached reference|) that stops training; None: by dtype
 
 
 def effective_betas(loss: str, beta1: float, beta2: float) -> tuple[float, float]:
@@ -187,6 +194,7 @@ class Manifest:
     prune: PruneConfig = field(default_factory=PruneConfig)  # make the student by layer pruning (run does it first)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # which cached pairs are trained on; the rest: `dropped_pairs`
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -117,6 +117,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
                        ref_chosen_logp - ref_rejected_logp AS ref
                 FROM pairs""").fetchnumpy()
             splits = con.execute("SELECT split, count(*) FROM pairs GROUP BY ALL ORDER BY split").fetchall()
+            dropped = con.execute("SELECT dropped, count(*) FROM dropped_pairs GROUP BY ALL ORDER BY 2 DESC").fetchall()
     except (DadpoError, duckdb.Error) as exc:
         missing.append(f"cache: the pairs view cannot be read ({str(exc).splitlines()[0]}) — check: "
                        "dadpo-offline cache verify RUN_DIR/cache")
@@ -125,7 +126,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
     if not len(values["te"]):
         missing.append("cache: the pairs view is empty — run: dadpo-offline precompute MANIFEST --stage score")
         return None
-    return values | {"splits": splits}
+    return values | {"splits": splits, "dropped": dropped}
 
 
 def finite(column) -> np.ndarray:
@@ -289,8 +290,11 @@ def cache_blocks(margins: dict | None) -> list:
     if not margins:
         return []
     te, token, ref = margins["te"], margins["te_token"], margins["ref"]
-    stats = [f"pairs: {sum(n for _, n in margins['splits'])} ("
-             + ", ".join(f"{split} {n}" for split, n in margins["splits"]) + ")",
+    dropped = margins["dropped"]
+    stats = [f"pairs trained on: {sum(n for _, n in margins['splits'])} ("
+             + ", ".join(f"{split} {n}" for split, n in margins["splits"]) + "); dropped: "
+             + (", ".join(f"{n} {why}" for why, n in dropped) if dropped else "none")
+             + " (pairs.require_finished; SQL view dropped_pairs)",
              f"δ_te = log π_te(y_w) − log π_te(y_l): mean {te.mean():.3f}, median {np.median(te):.3f} nats per "
              f"sequence; mean {token.mean() if len(token) else float('nan'):.4f} nats per token",
              f"δ_ref = log π_ref(y_w) − log π_ref(y_l): mean {ref.mean() if len(ref) else float('nan'):.3f} nats "

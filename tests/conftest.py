@@ -62,8 +62,9 @@ def write_jsonl(path, records):
 
 
 def write_manifest(directory, prompts_file, cache_dir, teacher=SMOLLM2, student=SMOLLM2, shard_size=2,
-                   samples=1, max_tokens=20, temperature=0.8, backend="vllm"):
-    """A small, fast manifest: short answers, two prompts per shard."""
+                   samples=1, max_tokens=20, temperature=0.8, backend="vllm", require_finished="none"):
+    """A small, fast manifest: short answers, two prompts per shard. Answers this short are mostly cut
+    (random tiny models never end one), so every pair is trained on unless `require_finished` says otherwise."""
     path = directory / "manifest.yaml"
     path.write_text(f"""\
 name: test
@@ -78,6 +79,7 @@ generate:
   teacher: {{temperature: {temperature}, max_tokens: {max_tokens}, seed: 0}}
   student: {{temperature: {temperature}, max_tokens: {max_tokens}, seed: 1}}
 engine: {{backend: {backend}, shard_size: {shard_size}}}
+pairs: {{require_finished: {require_finished}}}
 """, encoding="utf-8")
     return path
 

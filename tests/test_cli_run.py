@@ -7,9 +7,13 @@ from test_cli_precompute import invoke
 
 
 def pipeline_manifest(tmp_path, prompts_file, judge_server):
-    """The demo's shape at test size: SmolLM2 pruned by 20% as the student, 6 prompts, 12-token answers."""
+    """The demo's shape at test size: SmolLM2 pruned by 20% as the student, 6 prompts, 12-token answers.
+
+    The transformers engine: the pipeline loads five models for generation, scoring and eval, and a
+    vLLM start costs 15-45 s on 2 cores each time. vLLM's own paths have their own tests
+    (test_precompute, test_cli_eval); `make demo` runs this pipeline on vLLM."""
     path = write_manifest(tmp_path, prompts_file, tmp_path / "run" / "cache", student=tmp_path / "run" / "student",
-                          shard_size=3, max_tokens=12)
+                          shard_size=3, max_tokens=12, backend="transformers")
     path.write_text(path.read_text() + f"""\
 prune: {{source: embedded:smollm2-135m-instruct, ratio: 0.2, calibration_prompts: 2}}
 train: {{batch_size: 2, micro_batch_size: 2, learning_rate: 1.0e-5, save_steps: 1, report_to: [], step0_pairs: 2}}

@@ -136,7 +136,7 @@ def test_a_copied_run_folder_keeps_its_fingerprints_and_a_moved_cache_is_read_wi
         "cache_dir: cache\nteacher: {model: ./teacher}\nstudent: {model: ./student}\n"
         "prompts: {sources: [{jsonl: prompts.jsonl}]}\n"
         "generate: {teacher: {max_tokens: 6}, student: {max_tokens: 6}}\n"
-        "engine: {backend: transformers, shard_size: 3}\n", encoding="utf-8")
+        "engine: {backend: transformers, shard_size: 3}\npairs: {require_finished: none}\n", encoding="utf-8")
     assert invoke("precompute", run / "manifest.yaml").exit_code == 0
     stages = lambda cache: {(r["stage"], r["fingerprint"]) for r in json.loads(invoke("cache", "status", cache, "-f", "json").output)}
 

@@ -74,8 +74,12 @@ def stage(p: dict, name: str) -> dict:
 def test_every_yaml_in_manifests_is_a_run_manifest_or_an_accelerate_config():
     for path in YAMLS:
         if path not in RUN_MANIFESTS:
-            assert "distributed_type" in yaml.safe_load(path.read_text(encoding="utf-8")), \
-                f"{path.name}: a run manifest must open with '# dadpo-offline run ...'"
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+            assert "distributed_type" in config, f"{path.name}: a run manifest must open with '# dadpo-offline run ...'"
+            ds_file = config.get("deepspeed_config", {}).get("deepspeed_config_file")
+            if ds_file:  # launched from the repository root, as the file's first line says
+                ds = json.loads((ROOT / ds_file).read_text(encoding="utf-8"))
+                assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == "auto"
     assert {"demo.yaml", "vicuna7b_pruned.yaml", "qwen7b_to_qwen1.5b.yaml", "qwen7b_to_llama1b.yaml"} <= \
         {p.name for p in RUN_MANIFESTS}
 

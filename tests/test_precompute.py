@@ -310,3 +310,62 @@ def test_a_template_that_renders_differently_gets_new_fingerprints_and_says_so(t
     for chosen, chosen_len, rejected, rejected_len in rows(tmp_path / "cache", """
             SELECT chosen_input_ids, chosen_prompt_len, rejected_input_ids, rejected_prompt_len FROM pairs"""):
         assert chosen[:chosen_len] == rejected[:rejected_len]
+
+
+@pytest.mark.parametrize("require_finished, expected", [
+    ("both", [None, "chosen truncated", "rejected truncated", "both truncated", "no scored tokens"]),
+    ("chosen", [None, "chosen truncated", None, "chosen truncated", "no scored tokens"]),
+    ("none", [None, None, None, None, "no scored tokens"]),
+])
+def test_pairs_policy_names_why_each_dropped_pair_is_left_out(require_finished, expected):
+    """Five pairs: both answers ended; the teacher's cut; the student's cut; both cut; and a cut
+    answer of special tokens only, which scores no token under the teacher's tokenizer."""
+    import pyarrow as pa
+
+    from dadpo_offline.cache.schema import GENERATIONS, PAIRS, PROMPTS, SCORES
+    from dadpo_offline.precompute.stages import pairs_shard
+
+    cut = {"p0": (False, False), "p1": (True, False), "p2": (False, True), "p3": (True, True), "p4": (False, True)}
+    prompts = pa.Table.from_pylist([{"prompt_id": p, "split": "train", "category": "x", "messages": "[]"} for p in cut],
+                                   schema=PROMPTS)
+    generations = pa.Table.from_pylist([
+        {"prompt_id": p, "sample": 0, "role": role, "text": "t", "truncated": flags[i]}
+        for p, flags in cut.items() for i, role in enumerate(("teacher", "student"))], schema=GENERATIONS)
+    scores = pa.Table.from_pylist([
+        {"prompt_id": p, "sample": 0, "role": role, "scorer": scorer, "input_ids": [1, 2], "prompt_len": 1,
+         "logprob": -1.0, "n_tokens": 0 if (p, role, scorer) == ("p4", "student", "teacher") else 1}
+        for p in cut for role in ("teacher", "student") for scorer in ("teacher", "reference")], schema=SCORES)
+    pairs = pairs_shard(prompts, generations, scores, require_finished)
+    assert pairs.schema == PAIRS
+    assert pairs.column("dropped").to_pylist() == expected
+
+
+def test_dropped_pairs_are_counted_and_never_trained_on(small_cache, tmp_path):
+    """The same generations under `pairs.require_finished=both`: only the pairs view changes; the pairs
+    view plus dropped_pairs hold every pair once, training reads only finished pairs, status counts."""
+    import shutil
+
+    from dadpo_offline.train.data import load_pairs
+
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    manifest = small_cache.parent / "manifest.yaml"
+    summary = precompute(load_manifest(manifest, [f"cache_dir={copy}", "pairs.require_finished=both"]), stage="score")
+    assert [(r.stage, r.built) for r in summary.stages] == [("prompts", 0), ("score-teacher", 0),
+                                                            ("score-reference", 0), ("pairs", 3)]
+    finished = rows(copy, """SELECT count(*) FROM generations t JOIN generations s USING (prompt_id, sample)
+                             WHERE t.role = 'teacher' AND s.role = 'student' AND NOT t.truncated AND NOT s.truncated""")
+    assert rows(copy, "SELECT count(*) FROM pairs") == finished
+    assert rows(copy, "SELECT count(*) FROM pairs WHERE chosen_truncated OR rejected_truncated") == [(0,)]
+    assert rows(copy, "SELECT count(*) FROM pairs") [0][0] + rows(copy, "SELECT count(*) FROM dropped_pairs")[0][0] \
+        == len(PROMPTS)
+    dropped = dict(rows(copy, "SELECT dropped, count(*) FROM dropped_pairs GROUP BY ALL"))
+    assert dropped and set(dropped) <= {"both truncated", "chosen truncated", "rejected truncated"}
+    note = next(r["note"] for r in open_cache(copy).status() if r["stage"] == "pairs" and r["active"])
+    assert note.startswith(f"{finished[0][0]} trained on; dropped: ")
+    assert all(f"{n} {why}" in note for why, n in dropped.items())
+    if finished[0][0]:
+        assert len(load_pairs(str(copy))) == finished[0][0]
+    else:
+        with pytest.raises(Exception, match="no train pairs to train on .* all are dropped"):
+            load_pairs(str(copy))

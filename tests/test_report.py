@@ -24,7 +24,8 @@ VS_TEACHER = {"student": (0.125, 0.05, 0.2), "sft": (0.3, 0.2, 0.4), "ddpo": (0.
 
 
 def make_cache(root, n=40):
-    """Pairs whose teacher margin δ_te is 10 + i/4 nats: mean 14.875 over 40 pairs."""
+    """Pairs whose teacher margin δ_te is 10 + i/4 nats: mean 14.875 over 40 pairs; and two dropped
+    pairs (a cut teacher answer) whose margins must not count."""
     cache = open_cache(root, create=True)
     rows = [{"prompt_id": f"p{i:03d}", "sample": 0, "split": "train" if i < 30 else "heldout", "category": "writing",
              "chosen_input_ids": [1, 2, 3], "chosen_prompt_len": 1, "rejected_input_ids": [1, 4], "rejected_prompt_len": 1,
@@ -32,6 +33,8 @@ def make_cache(root, n=40):
              "teacher_rejected_logp": -15.0 - i / 2, "chosen_tokens": 2, "rejected_tokens": 1,
              "teacher_chosen_tokens": 10, "teacher_rejected_tokens": 5, "chosen_truncated": False,
              "rejected_truncated": False} for i in range(n)]
+    rows += [{**rows[0], "prompt_id": f"x{i}", "teacher_chosen_logp": 1e3, "chosen_truncated": True,
+              "dropped": "chosen truncated"} for i in range(2)]
     cache.begin_stage("pairs", "fp-pairs", {}, 1)
     written = write_shard(pa.Table.from_pylist(rows, schema=PAIRS), shard_path(cache.stage_dir("pairs", "fp-pairs"), 0),
                           {"stage": "pairs", "fingerprint": "fp-pairs", "shard": 0})
@@ -144,7 +147,8 @@ def test_report_training_and_cache_sections(full_report, run_dir):
     assert "| dadpo | 0.1 | 0.01 | 6 | 0.6 | 0.02 | 1 |" in md
     assert "| sft |  |  | 6 | 0.6 |  |  |" in md
     assert "| learning_rate | 5e-07 | 5e-07 | 5e-07 |" in md
-    assert "- pairs: 40 (heldout 10, train 30)" in md
+    assert ("- pairs trained on: 40 (heldout 10, train 30); dropped: 2 chosen truncated (pairs.require_finished; "
+            "SQL view dropped_pairs)") in md
     assert "mean 14.875, median 14.875 nats per sequence" in md
 
 

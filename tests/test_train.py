@@ -159,8 +159,28 @@ def test_nonfinite_loss_stops_with_the_step_and_batch(tiny_cache, tiny_student, 
 def test_step0_check_fires_on_a_wrong_reference(tiny_cache, smollm2_dir, tmp_path):
     wrong = build_tiny_student(tmp_path / "other", smollm2_dir, seed=1)
     m = load_manifest(tiny_cache, FAST + [f"train.output_dir={tmp_path}", f"train.init_model={wrong}"])
-    with pytest.raises(TrainError, match=r"step-0 check over 16 sequences .* above train.step0_max_token_gap=0.05"):
+    with pytest.raises(TrainError, match=r"step-0 check over 16 sequences .* above 0.001 \(train.step0_max_token_gap's "
+                                         r"default for float32 scores, float32 training\)"):
         train_dadpo(m, quiet=True)
+
+
+def test_step0_default_tolerance_catches_a_slightly_moved_reference(tiny_cache, tiny_student, tmp_path):
+    """The reference after one small update (its final norm scaled by 1.1) is off by less than the old
+    flat 0.05 nats/token, which let it through; the fp32 default (1e-3) does not."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_student)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.1)
+    moved = tmp_path / "moved"
+    model.save_pretrained(moved)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (moved / name).write_bytes((tiny_student / name).read_bytes())
+    settings = FAST + [f"train.output_dir={tmp_path}", f"train.init_model={moved}", "train.max_steps=1"]
+    with pytest.raises(TrainError, match=r"per token mean (0\.00[1-9]|0\.0[1-4]).* above 0.001 "):
+        train_dadpo(load_manifest(tiny_cache, settings), quiet=True)
+    result = train_dadpo(load_manifest(tiny_cache, settings + ["train.step0_max_token_gap=0.05"]), quiet=True)
+    assert 1e-3 < result["step0"]["token_mean"] < 0.05
 
 
 KILLER = textwrap.dedent("""

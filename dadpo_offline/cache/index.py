@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..errors import CacheError
-from .schema import ACCUMULATING, STAGES, VIEW_STAGES
+from .schema import ACCUMULATING, STAGES, VIEW_FILTERS, VIEW_STAGES
 from .shards import ShardFile, file_sha256, read_shard, shard_metadata, shard_path
 
 INDEX_NAME = "index.duckdb"
@@ -267,8 +267,10 @@ class CacheIndex:
             if not files:
                 files = [str(self._empty_shard(stages[0]))]
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            # by name: shards written before a filter's column existed read it as null
+            where = f", union_by_name = true) WHERE {VIEW_FILTERS[view]}" if view in VIEW_FILTERS else ")"
             con.execute(f"CREATE OR REPLACE {'TEMP ' if temporary else ''}VIEW {view} AS "
-                        f"SELECT * FROM read_parquet([{listing}])")
+                        f"SELECT * FROM read_parquet([{listing}]{where}")
         if not temporary:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", [str(self.root)])
 
@@ -283,7 +285,8 @@ class CacheIndex:
     # -- inspection -----------------------------------------------------------------------------
 
     def status(self) -> list[dict]:
-        """One row per stage fingerprint: shards done of expected, rows, bytes, active or stale."""
+        """One row per stage fingerprint: shards done of expected, rows, bytes, active or stale; for
+        the active pairs, how many training reads and why the others are dropped."""
         with self.connect(read_only=True) as con:
             cursor = con.execute("""
                 SELECT t.stage, t.fingerprint, t.active, t.n_shards, count(s.shard) AS done,
@@ -292,7 +295,19 @@ class CacheIndex:
                 FROM stages t LEFT JOIN shards s USING (stage, fingerprint)
                 GROUP BY ALL ORDER BY t.active DESC, t.created_at, t.stage""")
             names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row)) for row in cursor.fetchall()]
+            rows = [dict(zip(names, row)) | {"note": None} for row in cursor.fetchall()]
+            for row in rows:
+                if row["stage"] == "pairs" and row["active"] and row["done"]:
+                    row["note"] = self._pairs_note(con)
+        return rows
+
+    def _pairs_note(self, con) -> str:
+        try:
+            trained = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
+            dropped = con.execute("SELECT dropped, count(*) FROM dropped_pairs GROUP BY ALL ORDER BY 2 DESC").fetchall()
+        except duckdb.Error:
+            return f"unreadable — check: dadpo-offline cache verify {self.root}"
+        return f"{trained} trained on" + ("; dropped: " + ", ".join(f"{n} {why}" for why, n in dropped) if dropped else "")
 
     def verify(self, stages: list[str] | None = None) -> list[str]:
         """Every registered shard (or the active ones of `stages`): present, same size and checksum,

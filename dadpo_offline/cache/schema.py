@@ -68,7 +68,11 @@ PAIRS = pa.schema([
     ("teacher_rejected_tokens", pa.int32()),
     ("chosen_truncated", pa.bool_()),
     ("rejected_truncated", pa.bool_()),
+    ("dropped", pa.string()),  # why the pair is not trained on (DROP_REASONS), null when it is
 ])
+# Why a pair is left out of training (view `dropped_pairs`): a side with no scored token, or an
+# answer cut at max_tokens that `pairs.require_finished` asks to have ended.
+DROP_REASONS = ("no scored tokens", "both truncated", "chosen truncated", "rejected truncated")
 
 # Joins one shard's prompts, generations and scores (tables registered under these names).
 PAIRS_JOIN_SQL = """
@@ -79,7 +83,11 @@ SELECT p.prompt_id, rc.sample, p.split, p.category,
        tc.logprob AS teacher_chosen_logp, tr.logprob AS teacher_rejected_logp,
        rc.n_tokens AS chosen_tokens, rr.n_tokens AS rejected_tokens,
        tc.n_tokens AS teacher_chosen_tokens, tr.n_tokens AS teacher_rejected_tokens,
-       gt.truncated AS chosen_truncated, gs.truncated AS rejected_truncated
+       gt.truncated AS chosen_truncated, gs.truncated AS rejected_truncated,
+       CASE WHEN least(rc.n_tokens, rr.n_tokens, tc.n_tokens, tr.n_tokens) < 1 THEN 'no scored tokens'
+            WHEN $require_finished = 'both' AND gt.truncated AND gs.truncated THEN 'both truncated'
+            WHEN $require_finished IN ('both', 'chosen') AND gt.truncated THEN 'chosen truncated'
+            WHEN $require_finished = 'both' AND gs.truncated THEN 'rejected truncated' END AS dropped
 FROM prompts p
 JOIN scores rc ON rc.prompt_id = p.prompt_id AND rc.role = 'teacher' AND rc.scorer = 'reference'
 JOIN scores rr ON rr.prompt_id = p.prompt_id AND rr.sample = rc.sample AND rr.role = 'student' AND rr.scorer = 'reference'
@@ -158,7 +166,10 @@ VIEW_STAGES = {
     "generations": ["generate-teacher", "generate-student"],
     "scores": ["score-teacher", "score-reference"],
     "pairs": ["pairs"],
+    "dropped_pairs": ["pairs"],
     "answers": ["answers"],
     "judgments": ["judgments"],
     "eval_results": ["eval-results"],
 }
+# Views that show only some rows of their shards: `pairs` is what training reads.
+VIEW_FILTERS = {"pairs": "dropped IS NULL", "dropped_pairs": "dropped IS NOT NULL"}

@@ -8,12 +8,14 @@ flight, and nothing is ever duplicated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
@@ -113,7 +115,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         else:
             seen.add(kept.prompt_id)
             fitted.append(kept)
-            rendered.append(ids)
+            rendered.append([np.asarray(x, dtype=np.int32) for x in ids])  # 4 bytes a token, not a Python int
     if not fitted:
         raise InputError(f"all {len(prompts)} prompts are longer than prompts.max_prompt_tokens="
                          f"{manifest.prompts.max_prompt_tokens}")
@@ -126,7 +128,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     prompt_settings = {"prompts": [[p.prompt_id, p.split, p.category] for p in fitted],  # moving one to heldout counts
                        "config": _portable(manifest_dict(manifest)["prompts"]),
                        "formats": [roles["student"].fmt.identity, roles["teacher"].fmt.identity], "shard_size": shard_size,
-                       "ids": fingerprint(rendered)}  # what the templates rendered, so no rebuild can differ silently
+                       "ids": _ids_digest(rendered)}  # what the templates rendered, so no rebuild can differ silently
     fps = {"prompts": fingerprint(prompt_settings)}
     settings = {"prompts": prompt_settings}
     for role in ("student", "teacher"):
@@ -140,7 +142,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
                                        "generate-student": fps["generate-student"],
                                        **_model_settings(roles[scorer], backend, manifest)}
         fps[f"score-{scorer}"] = fingerprint(settings[f"score-{scorer}"])
-    settings["pairs"] = {stage: fps[stage] for stage in fps}
+    settings["pairs"] = {**{stage: fps[stage] for stage in fps}, **dataclasses.asdict(manifest.pairs)}
     fps["pairs"] = fingerprint(settings["pairs"])
 
     # 3. Build what is missing, stage by stage.
@@ -176,7 +178,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
                 elif name == "pairs":
                     table = pairs_shard(shard_prompts(k),
                                         _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate"),
-                                        _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"))
+                                        _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"),
+                                        manifest.pairs.require_finished)
                 elif name.startswith("generate-"):
                     role = roles[name.split("-", 1)[1]]
                     table = generate_shard(shard_prompts(k), role.name, role.fmt, engines.get(role),
@@ -212,6 +215,15 @@ def model_role(name: str, config) -> Role:
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
     return {"model": role.model.portable_name, "revision": role.model.revision, "chat_format": role.fmt.identity,
             "engine": engine_identity(backend, role.dtype, manifest.engine)}
+
+
+def _ids_digest(rendered: list[list[np.ndarray]]) -> str:
+    digest = hashlib.sha256()
+    for ids in rendered:
+        for x in ids:
+            digest.update(len(x).to_bytes(4, "little"))
+            digest.update(x.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _say_if_rendered_differently(cache: CacheIndex, prompt_settings: dict) -> None:

@@ -95,12 +95,13 @@ def score_shard(prompts: pa.Table, generations: pa.Table, generator_formats: dic
     } for row, seq, start, lps in zip(rows, sequences, prompt_lens, token_logprobs)], schema=SCORES)
 
 
-def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table) -> pa.Table:
-    """One row per (prompt, sample) with everything training reads, joined once, here, per shard."""
+def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, require_finished: str) -> pa.Table:
+    """One row per (prompt, sample) with everything training reads, joined once, here, per shard;
+    `dropped` names why a pair is not trained on (`pairs.require_finished`, a side with no tokens)."""
     con = duckdb.connect()
     try:
         for name, table in (("prompts", prompts), ("generations", generations), ("scores", scores)):
             con.register(name, table)
-        return arrow_table(con.sql(PAIRS_JOIN_SQL)).cast(PAIRS)
+        return arrow_table(con.sql(PAIRS_JOIN_SQL, params={"require_finished": require_finished})).cast(PAIRS)
     finally:
         con.close()

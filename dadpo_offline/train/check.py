@@ -24,6 +24,11 @@ from .data import ANCHORS
 from .logps import token_logps
 
 ANCHOR_TOLERANCE = 1e-9  # nats: float64 end to end, so any visible difference means something rounded them
+# Default train.step0_max_token_gap, by the coarser of the two numerics (the cache's scorer, the
+# training forward). Measured with the right reference (SmolLM2-135M, vLLM scores vs a transformers
+# forward, 1,364 tokens, CPU): fp32/fp32 1e-5 nats per token; a bf16 side 0.019–0.028. The
+# defaults leave room for other kernels (GPUs) and stay far below a wrong reference's gap.
+TOKEN_GAP_BY_DTYPE = {"float32": 1e-3, "bfloat16": 0.08, "float16": 0.08}
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,13 @@ class Step0Report:
                 f"anchors the loss receives differ from the cache by at most {self.anchor_max:.2g} nats")
 
 
-def stored_scores(cache_dir: str, keys: list[tuple]) -> tuple[dict, str]:
-    """{(prompt_id, sample, role, scorer): (token log-probs, sequence log-prob)} straight from `scores`."""
+def default_token_gap(training_dtype: str, cached_dtype: str) -> float:
+    return max(TOKEN_GAP_BY_DTYPE.get(d, TOKEN_GAP_BY_DTYPE["bfloat16"]) for d in (training_dtype, cached_dtype))
+
+
+def stored_scores(cache_dir: str, keys: list[tuple]) -> tuple[dict, dict]:
+    """{(prompt_id, sample, role, scorer): (token log-probs, sequence log-prob)} straight from `scores`,
+    and the settings the reference was scored with."""
     cache = open_cache(cache_dir)
     cache.check_intact(["scores"], "dadpo-offline precompute MANIFEST --stage score")
     with cache.connect(read_only=True) as con:
@@ -54,16 +64,22 @@ def stored_scores(cache_dir: str, keys: list[tuple]) -> tuple[dict, str]:
         rows = con.execute("SELECT prompt_id, sample, role, scorer, token_logprobs, logprob FROM scores "
                            "JOIN wanted USING (prompt_id, sample)").fetchall()
         settings = con.execute("SELECT settings FROM stages WHERE stage = 'score-reference' AND active").fetchone()
-    model = json.loads(settings[0]).get("model", "?") if settings else "?"
-    return {tuple(r[:4]): (r[4], r[5]) for r in rows}, model
+    return {tuple(r[:4]): (r[4], r[5]) for r in rows}, json.loads(settings[0]) if settings else {}
 
 
-def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float, policy_name: str,
+def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float | None, policy_name: str,
                 micro_batch: int = 4) -> Step0Report:
     """Measure both gaps on the first `pairs` pairs, through `trainer`'s collator and input path."""
     dataset = trainer.train_dataset
     features = [dataset[i] for i in range(min(pairs, len(dataset)))]
-    stored, cached_model = stored_scores(cache_dir, [(f["prompt_id"], f["sample"]) for f in features])
+    stored, scored_with = stored_scores(cache_dir, [(f["prompt_id"], f["sample"]) for f in features])
+    cached_model = scored_with.get("model", "?")
+    training_dtype = "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32"
+    cached_dtype = scored_with.get("engine", {}).get("dtype", "bfloat16")
+    limit = f"train.step0_max_token_gap={max_token_gap}"
+    if max_token_gap is None:
+        max_token_gap = default_token_gap(training_dtype, cached_dtype)
+        limit = f"{max_token_gap} (train.step0_max_token_gap's default for {cached_dtype} scores, {training_dtype} training)"
     autocast = trainer.accelerator.autocast
     seq_gaps, token_gaps, anchor_gaps = [], [], []
     was_training = model.training
@@ -98,7 +114,7 @@ def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float
             "between the cache and the loss rounds them (an input cast to the training dtype?). Nothing was trained")
     if not report.token_mean <= max_token_gap:  # also catches NaN
         raise TrainError(
-            f"{report.line()} — above train.step0_max_token_gap={max_token_gap}. The policy ({policy_name}) does not "
+            f"{report.line()} — above {limit}. The policy ({policy_name}) does not "
             f"reproduce the reference the cache was scored with ({cached_model}). Usual causes: the policy is not "
             "that reference (set train.init_model, or set `reference:` to the dSFT model and rescore), or the "
             "reference was scored with other numerics (dtype, engine). Rescore with: dadpo-offline precompute "

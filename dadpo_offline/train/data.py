@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,6 +58,12 @@ def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -
              + (" LIMIT ?" if limit else ""))
     with cache.connect(read_only=True) as con:
         table = con.sql(query, params=[split, limit] if limit else [split]).to_arrow_table()
+        dropped = con.execute("SELECT dropped, count(*) FROM dropped_pairs WHERE split = ? GROUP BY ALL ORDER BY 2 DESC",
+                              [split]).fetchall()
+    if table.num_rows == 0 and dropped:
+        raise CacheError(f"no {split} pairs to train on in {cache.root}: all are dropped ("
+                         + ", ".join(f"{n} {why}" for why, n in dropped) + ") — raise generate.teacher.max_tokens and "
+                         "generate.student.max_tokens, or relax pairs.require_finished, then rerun precompute")
     if table.num_rows == 0:
         raise CacheError(f"no {split} pairs in {cache.root}: the pairs view needs generations and both scores — "
                          "run: dadpo-offline precompute MANIFEST")
@@ -91,10 +98,14 @@ def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list
     with cache.connect(read_only=True) as con:
         teacher, prompts = (con.execute("SELECT settings FROM stages WHERE stage = ? AND active", [stage]).fetchone()
                             for stage in ("generate-teacher", "prompts"))
-        rows = con.execute(
-            "SELECT g.prompt_id, g.sample, g.prompt_token_ids, g.response_token_ids, g.text, g.truncated, "
-            "p.student_prompt_ids FROM generations g JOIN prompts p USING (prompt_id) "
-            "WHERE g.role = 'teacher' AND p.split = ? ORDER BY g.prompt_id, g.sample", [split]).fetchall()
+        try:
+            rows = con.execute(
+                "SELECT g.prompt_id, g.sample, g.prompt_token_ids, g.response_token_ids, g.text, g.truncated, "
+                "p.student_prompt_ids FROM generations g JOIN prompts p USING (prompt_id) "
+                "WHERE g.role = 'teacher' AND p.split = ? ORDER BY g.prompt_id, g.sample", [split]).fetchall()
+        except duckdb.BinderException:
+            raise CacheError(f"{cache.root} was built by an older dadpo-offline, which did not store rendered prompt "
+                             "ids — rebuild it with: dadpo-offline precompute MANIFEST") from None
     if teacher is None or not rows:
         raise CacheError(f"no teacher generations for split {split} in {cache.root} — "
                          "run: dadpo-offline precompute MANIFEST --stage generate")

@@ -37,7 +37,7 @@ def check_config(t: TrainConfig) -> None:
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be >= 1, got {getattr(t, key)}")
     for key in ("beta1", "beta2", "weight_decay", "max_grad_norm", "step0_max_token_gap", "step0_pairs"):
-        if getattr(t, key) < 0:
+        if getattr(t, key) is not None and getattr(t, key) < 0:
             problems.append(f"train.{key} must be >= 0, got {getattr(t, key)}")
     for key in ("learning_rate", "sft_learning_rate"):
         if not getattr(t, key) > 0:
