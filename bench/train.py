@@ -186,7 +186,6 @@ def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
 
     from dadpo_offline.train.data import PairCollator, RowDataset, load_pairs
     from dadpo_offline.train.dpo import DadpoTrainer, FiniteGradients
-    from dadpo_offline.train.logps import sequence_logps
     from dadpo_offline.train.runs import load_causal_lm
 
     torch.manual_seed(0)
