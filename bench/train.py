@@ -46,13 +46,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cached_models(cache_dir: str) -> tuple[str, str]:
-    """(reference model, teacher model) as the cache says it scored them."""
+    """(reference model, teacher model) the cache was scored with: the stage settings name a local
+    model by its folder only, so the paths come from the resolved manifest beside the shards."""
     from dadpo_offline.cache.index import open_cache
+    from dadpo_offline.manifest import load_manifest
 
-    with open_cache(cache_dir).connect(read_only=True) as con:
-        rows = dict(con.execute("SELECT stage, settings->>'model' FROM stages WHERE active AND stage LIKE 'score-%'")
-                    .fetchall())
-    return rows["score-reference"], rows["score-teacher"]
+    cache = open_cache(cache_dir)
+    with cache.connect(read_only=True) as con:
+        (fingerprint,) = con.execute("SELECT fingerprint FROM stages WHERE active AND stage = 'score-reference'").fetchone()
+    manifest = load_manifest(cache.stage_dir("score-reference", fingerprint) / "manifest.yaml")
+    return manifest.reference_model.model, manifest.teacher.model
 
 
 def peak_mib(device) -> float:
