@@ -224,3 +224,19 @@ def test_moving_a_prompt_to_heldout_changes_the_prompts_fingerprint(tmp_path, pr
     splits = invoke("sql", tmp_path / "cache", "SELECT split, count(*) AS n FROM prompts GROUP BY ALL ORDER BY ALL",
                     "-f", "json").output
     assert json.loads(splits) == [{"split": "heldout", "n": 1}, {"split": "train", "n": 5}]
+
+
+def test_precompute_a_template_that_refuses_a_conversation_is_one_line_naming_the_prompt(tmp_path, prompts_file):
+    """Templates raise on layouts they do not support (e.g. no system role): one line naming the
+    prompt, its source and the template's own message; no cache."""
+    refusing = tmp_path / "no_system.jinja"
+    refusing.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}<|im_start|>assistant\n", encoding="utf-8")
+    with_system = write_jsonl(tmp_path / "system.jsonl", [{"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]}])
+    manifest = write_manifest(tmp_path, with_system, tmp_path / "cache")
+    result = invoke("precompute", manifest, "--set", f"student.chat_template={refusing}")
+    one_line_error(result, "from jsonl:system.jsonl: the chat template of embedded:smollm2-135m-instruct refuses "
+                           "this conversation: System role not supported")
+    assert not (tmp_path / "cache").exists()

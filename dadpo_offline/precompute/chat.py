@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import jinja2
+
 from ..errors import ModelError
 from ..models import ResolvedModel
 
@@ -32,11 +34,15 @@ class ChatFormat:
     tokenizer: object
     end_of_turn_id: int
     identity: str  # hash of vocabulary, chat template and end-of-turn id
+    model: str = "the model"  # its reference, for messages
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Template with the assistant header appended: what the model continues from."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 strftime_now=template_clock)  # shadows the template's wall clock
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     strftime_now=template_clock)  # shadows the template's wall clock
+        except (jinja2.TemplateError, OverflowError) as exc:  # raise_exception(...) in a template, sandbox limits
+            raise ModelError(f"the chat template of {self.model} refuses this conversation: {exc}") from None
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return [int(i) for i in ids]
@@ -90,4 +96,4 @@ def load_chat_format(model: ResolvedModel, end_of_turn: str | None = None, chat_
     digest.update(tokenizer.chat_template.encode() if isinstance(tokenizer.chat_template, str)
                   else repr(tokenizer.chat_template).encode())
     digest.update(str(eot).encode())
-    return ChatFormat(tokenizer, int(eot), digest.hexdigest()[:16])
+    return ChatFormat(tokenizer, int(eot), digest.hexdigest()[:16], model.reference)

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from ..cache.query import arrow_table
 from ..cache.schema import GENERATIONS, PAIRS, PAIRS_JOIN_SQL, PROMPTS, SCORES
+from ..errors import InputError, ModelError
 from ..manifest import SamplingConfig
 from .chat import ChatFormat
 from .engines import Request
@@ -24,7 +25,10 @@ def fit_prompt(prompt: Prompt, formats: list[ChatFormat], max_tokens: int, mode:
     with its ids under each format."""
     messages = prompt.as_messages()
     while True:
-        rendered = [f.prompt_ids(messages) for f in formats]
+        try:
+            rendered = [f.prompt_ids(messages) for f in formats]
+        except ModelError as exc:
+            raise InputError(f"prompt {prompt.prompt_id} from {prompt.source}: {exc}") from None
         if max(len(ids) for ids in rendered) <= max_tokens:
             if len(messages) == len(prompt.messages):
                 return prompt, rendered
