@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from .cache.index import INDEX_NAME, open_cache
+from .cache.index import INDEX_NAME, dropped_summary, open_cache
 from .errors import DadpoError, InputError
 from .manifest import effective_betas
 from .eval.results import cell
@@ -117,7 +117,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
                        ref_chosen_logp - ref_rejected_logp AS ref
                 FROM pairs""").fetchnumpy()
             splits = con.execute("SELECT split, count(*) FROM pairs GROUP BY ALL ORDER BY split").fetchall()
-            dropped = con.execute("SELECT dropped, count(*) FROM dropped_pairs GROUP BY ALL ORDER BY 2 DESC").fetchall()
+            dropped = dropped_summary(con)
     except (DadpoError, duckdb.Error) as exc:
         missing.append(f"cache: the pairs view cannot be read ({str(exc).splitlines()[0]}) — check: "
                        "dadpo-offline cache verify RUN_DIR/cache")
@@ -293,7 +293,7 @@ def cache_blocks(margins: dict | None) -> list:
     dropped = margins["dropped"]
     stats = [f"pairs trained on: {sum(n for _, n in margins['splits'])} ("
              + ", ".join(f"{split} {n}" for split, n in margins["splits"]) + "); dropped: "
-             + (", ".join(f"{n} {why}" for why, n in dropped) if dropped else "none")
+             + (dropped or "none")
              + " (pairs.require_finished; SQL view dropped_pairs)",
              f"δ_te = log π_te(y_w) − log π_te(y_l): mean {te.mean():.3f}, median {np.median(te):.3f} nats per "
              f"sequence; mean {token.mean() if len(token) else float('nan'):.4f} nats per token",

@@ -304,10 +304,10 @@ class CacheIndex:
     def _pairs_note(self, con) -> str:
         try:
             trained = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
-            dropped = con.execute("SELECT dropped, count(*) FROM dropped_pairs GROUP BY ALL ORDER BY 2 DESC").fetchall()
+            dropped = dropped_summary(con)
         except duckdb.Error:
             return f"unreadable — check: dadpo-offline cache verify {self.root}"
-        return f"{trained} trained on" + ("; dropped: " + ", ".join(f"{n} {why}" for why, n in dropped) if dropped else "")
+        return f"{trained} trained on" + (f"; dropped: {dropped}" if dropped else "")
 
     def verify(self, stages: list[str] | None = None) -> list[str]:
         """Every registered shard (or the active ones of `stages`): present, same size and checksum,
@@ -324,6 +324,14 @@ class CacheIndex:
             if problem:
                 problems.append(f"{stage} shard {shard} ({rel}): {problem}")
         return problems
+
+
+def dropped_summary(con, split: str | None = None) -> str:
+    """Why pairs (of one split) are left out of training, e.g. '30 chosen truncated, 6 both truncated';
+    '' when none is."""
+    counts = con.execute("SELECT dropped, count(*) FROM dropped_pairs WHERE ? IS NULL OR split = ? "
+                         "GROUP BY ALL ORDER BY 2 DESC, 1", [split, split]).fetchall()
+    return ", ".join(f"{n} {why}" for why, n in counts)
 
 
 def lock_holder_message(index: Path, duckdb_message: str, held_by_reader: bool) -> str:

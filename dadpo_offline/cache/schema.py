@@ -68,13 +68,11 @@ PAIRS = pa.schema([
     ("teacher_rejected_tokens", pa.int32()),
     ("chosen_truncated", pa.bool_()),
     ("rejected_truncated", pa.bool_()),
-    ("dropped", pa.string()),  # why the pair is not trained on (DROP_REASONS), null when it is
+    ("dropped", pa.string()),  # why the pair is not trained on (the CASE in PAIRS_JOIN_SQL), null when it is
 ])
-# Why a pair is left out of training (view `dropped_pairs`): a side with no scored token, or an
-# answer cut at max_tokens that `pairs.require_finished` asks to have ended.
-DROP_REASONS = ("no scored tokens", "both truncated", "chosen truncated", "rejected truncated")
 
-# Joins one shard's prompts, generations and scores (tables registered under these names).
+# Joins one shard's prompts, generations and scores (tables registered under these names). `dropped`:
+# a side with no scored token, or an answer cut at max_tokens that `pairs.require_finished` asks to have ended.
 PAIRS_JOIN_SQL = """
 SELECT p.prompt_id, rc.sample, p.split, p.category,
        rc.input_ids AS chosen_input_ids, rc.prompt_len AS chosen_prompt_len,

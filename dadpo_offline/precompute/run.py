@@ -120,8 +120,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         raise InputError(f"all {len(prompts)} prompts are longer than prompts.max_prompt_tokens="
                          f"{manifest.prompts.max_prompt_tokens}")
     shard_size = manifest.engine.shard_size
-    shards = [fitted[i:i + shard_size] for i in range(0, len(fitted), shard_size)]
-    mine = [k for k in range(len(shards)) if k % jobs == job]
+    n_shards = -(-len(fitted) // shard_size)
+    mine = [k for k in range(n_shards) if k % jobs == job]
     summary = Summary(len(fitted), {k: v for k, v in counts.items() if k != "read"})
 
     # 2. Fingerprints: every setting that shapes a stage's rows.
@@ -159,7 +159,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     try:
         for name in wanted:
             fp = fps[name]
-            cache.begin_stage(name, fp, settings[name], 1 if name == "prompts" else len(shards))
+            cache.begin_stage(name, fp, settings[name], 1 if name == "prompts" else n_shards)
             stage_dir = cache.stage_dir(name, fp)
             report = StageReport(name, fp)
             todo = [0] if name == "prompts" else mine

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ..cache.index import open_cache
+from ..cache.index import dropped_summary, open_cache
 from ..errors import CacheError
 
 ANCHORS = ["ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp", "teacher_rejected_logp"]
@@ -58,12 +58,11 @@ def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -
              + (" LIMIT ?" if limit else ""))
     with cache.connect(read_only=True) as con:
         table = con.sql(query, params=[split, limit] if limit else [split]).to_arrow_table()
-        dropped = con.execute("SELECT dropped, count(*) FROM dropped_pairs WHERE split = ? GROUP BY ALL ORDER BY 2 DESC",
-                              [split]).fetchall()
+        dropped = dropped_summary(con, split)
     if table.num_rows == 0 and dropped:
-        raise CacheError(f"no {split} pairs to train on in {cache.root}: all are dropped ("
-                         + ", ".join(f"{n} {why}" for why, n in dropped) + ") — raise generate.teacher.max_tokens and "
-                         "generate.student.max_tokens, or relax pairs.require_finished, then rerun precompute")
+        raise CacheError(f"no {split} pairs to train on in {cache.root}: all are dropped ({dropped}) — raise "
+                         "generate.teacher.max_tokens and generate.student.max_tokens, or relax "
+                         "pairs.require_finished, then rerun precompute")
     if table.num_rows == 0:
         raise CacheError(f"no {split} pairs in {cache.root}: the pairs view needs generations and both scores — "
                          "run: dadpo-offline precompute MANIFEST")
