@@ -93,10 +93,10 @@ step "log-prob gap vs transformers fp32" "$PY" - <<'EOF'
 import time
 
 from dadpo_offline.manifest import EngineConfig
-from dadpo_offline.models import resolve_model
-from dadpo_offline.precompute.chat import load_chat_format
-from dadpo_offline.precompute.engines import Request, TransformersEngine, VllmEngine
-from dadpo_offline.precompute.prompts import builtin_prompts
+from dadpo_offline.core.models import resolve_model
+from dadpo_offline.core.chat import load_chat_format
+from dadpo_offline.core.engines import Request, TransformersEngine, VllmEngine
+from dadpo_offline.core.prompts import builtin_prompts
 
 model = resolve_model("embedded:smollm2-135m-instruct")
 fmt = load_chat_format(model)

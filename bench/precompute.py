@@ -56,10 +56,10 @@ def bench_engines(args, emit) -> dict:
     import torch
 
     from dadpo_offline.manifest import EngineConfig
-    from dadpo_offline.models import resolve_model
-    from dadpo_offline.precompute.chat import load_chat_format
-    from dadpo_offline.precompute.engines import Request, TransformersEngine, VllmEngine
-    from dadpo_offline.precompute.prompts import builtin_prompts
+    from dadpo_offline.core.models import resolve_model
+    from dadpo_offline.core.chat import load_chat_format
+    from dadpo_offline.core.engines import Request, TransformersEngine, VllmEngine
+    from dadpo_offline.core.prompts import builtin_prompts
 
     model = resolve_model(MODEL)
     fmt = load_chat_format(model)
@@ -165,7 +165,7 @@ class Synth:
     def __init__(self, n_pairs: int, seed: int = 0):
         import numpy as np
 
-        from dadpo_offline.precompute.prompts import builtin_prompts
+        from dadpo_offline.core.prompts import builtin_prompts
 
         self.np = np
         self.n = n_pairs

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import DadpoError, ManifestError
 from .manifest import Manifest, PromptsConfig, effective_betas
-from .models import EMBEDDED_MODELS, EMBEDDED_PREFIX, user_cache_dir
+from .core.models import EMBEDDED_MODELS, EMBEDDED_PREFIX, user_cache_dir
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto is bf16 on the GPUs a plan is for
@@ -80,7 +80,7 @@ def plan(manifest: Manifest) -> dict:
     judged = [s for s in m.eval.suites if s in ("mtbench", "alpacaeval", "winrate")]
     if judged and not (m.eval.judge.serve or (m.eval.judge.base_url and m.eval.judge.model)):
         warnings.append(f"eval suites {', '.join(judged)} need a judge: eval.judge.base_url and model, or judge.serve")
-    from .precompute.engines import pick_backend
+    from .core.engines import pick_backend
 
     backend = pick_backend(m.engine.backend)
     sft_dir = stage_dir(m, "sft")
@@ -243,7 +243,7 @@ def pruned(source: dict, ratio: float) -> dict:
 
 def count_prompts(config: PromptsConfig) -> dict:
     """How many prompts, and about how long: local sources are read; hub sources are not fetched."""
-    from .precompute.prompts import collect_prompts
+    from .core.prompts import collect_prompts
 
     local = [s for s in config.sources if s.hub is None]
     hub = [s for s in config.sources if s.hub is not None]

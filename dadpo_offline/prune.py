@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from .errors import InputError, ModelError
 from .files import apply_umask
-from .models import resolve_model
-from .precompute.chat import load_chat_format
-from .precompute.engines import cuda_available, resolve_dtype
-from .precompute.prompts import builtin_prompts
+from .core.models import resolve_model
+from .core.chat import load_chat_format
+from .core.engines import cuda_available, resolve_dtype
+from .core.prompts import builtin_prompts
 
 REPORT = "prune.json"
 

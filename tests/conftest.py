@@ -86,7 +86,7 @@ pairs: {{require_finished: {require_finished}}}
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
-    from dadpo_offline.models import resolve_model
+    from dadpo_offline.core.models import resolve_model
 
     return resolve_model(SMOLLM2).path
 

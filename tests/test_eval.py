@@ -11,7 +11,7 @@ from dadpo_offline.eval import answers as answers_module
 from dadpo_offline.eval import mtbench, winrate
 from dadpo_offline.eval.answers import Question, generate_answers
 from dadpo_offline.manifest import EngineConfig, Manifest, ModelConfig, MtBenchConfig, WinRateConfig
-from dadpo_offline.precompute.run import Engines, model_role
+from dadpo_offline.core.roles import Engines, model_role
 
 from conftest import SMOLLM2
 

@@ -13,7 +13,7 @@ import pytest
 from dadpo_offline.errors import InputError
 from dadpo_offline.eval.lmeval import builtin_task_manager, run_lmeval
 from dadpo_offline.manifest import LmEvalConfig
-from dadpo_offline.models import resolve_model
+from dadpo_offline.core.models import resolve_model
 
 DATA = Path(__file__).parent / "data" / "lmeval"
 

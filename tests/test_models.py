@@ -10,9 +10,9 @@ from conftest import SESSION_HOME, SMOLLM2
 from dadpo_offline.errors import ModelError
 from dadpo_offline.files import current_umask
 from dadpo_offline.manifest import EngineConfig
-from dadpo_offline.models import resolve_model, weights_digest
+from dadpo_offline.core.models import resolve_model, weights_digest
 from dadpo_offline.package_data import MTBENCH_DATA, SMOLLM2_GGUF, PackageDataMissing, installed_path
-from dadpo_offline.precompute.engines import Request, open_engine
+from dadpo_offline.core.engines import Request, open_engine
 
 
 def file_hashes(directory: Path) -> dict[str, str]:

@@ -34,7 +34,7 @@ def no_models(monkeypatch):
     import safetensors
     import transformers
 
-    from dadpo_offline import models
+    from dadpo_offline.core import models
     from dadpo_offline.precompute import engines
 
     for cls in (transformers.AutoModelForCausalLM, transformers.PreTrainedModel, transformers.AutoTokenizer):
@@ -159,7 +159,7 @@ def test_hub_source_under_a_total_limit_is_counted_at_the_limit(tmp_path, no_mod
 
 
 def test_builtin_prompts_are_counted_from_the_packaged_file(tmp_path, no_models):
-    from dadpo_offline.precompute.prompts import builtin_prompts
+    from dadpo_offline.core.prompts import builtin_prompts
 
     p = plan(load_manifest(write(tmp_path, "prompts: {sources: [{builtin: heldout}], drop_benchmark_overlap: false}\n"
                                            "generate: {samples_per_prompt: 2, student: {max_tokens: 10}}\n")))

@@ -211,8 +211,8 @@ def test_stock_duckdb_client_reads_pairs_from_another_directory(small_cache, tmp
 def test_a_manifest_chat_template_supplies_one_for_tokenizers_without(smollm2_dir, tmp_path):
     """Vicuna ships no chat template; the project's Jinja file gives its v1.1 format to any tokenizer."""
     from dadpo_offline.manifest import load_manifest
-    from dadpo_offline.models import resolve_model
-    from dadpo_offline.precompute.chat import load_chat_format
+    from dadpo_offline.core.models import resolve_model
+    from dadpo_offline.core.chat import load_chat_format
 
     vicuna = load_manifest(Path(__file__).parent.parent / "manifests" / "vicuna7b_pruned.yaml")
     template = vicuna.teacher.chat_template
@@ -230,7 +230,7 @@ def test_a_manifest_chat_template_supplies_one_for_tokenizers_without(smollm2_di
 def test_engine_identity_holds_every_setting_that_moves_the_numbers():
     """vLLM in bf16: CUDA graphs (enforce_eager off) and the batch size pick other kernels."""
     from dadpo_offline.manifest import EngineConfig
-    from dadpo_offline.precompute.engines import engine_identity
+    from dadpo_offline.core.engines import engine_identity
 
     base = engine_identity("vllm", "bfloat16", EngineConfig())
     assert engine_identity("vllm", "bfloat16", EngineConfig(enforce_eager=False)) != base
@@ -259,8 +259,8 @@ def test_a_clock_in_the_chat_template_renders_each_prompt_once_for_every_stage(t
     rebuild (another job, another day) must render the same ids under the same fingerprint."""
     from transformers import AutoTokenizer
 
-    from dadpo_offline.precompute.chat import load_chat_format
-    from dadpo_offline.models import resolve_model
+    from dadpo_offline.core.chat import load_chat_format
+    from dadpo_offline.core.models import resolve_model
     from dadpo_offline.train.data import load_sft_examples
 
     stamp = stamped_templates(tmp_path, "{{ strftime_now('%d %b %Y %H:%M:%S.%f') }}")

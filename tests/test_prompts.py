@@ -4,7 +4,7 @@ import pytest
 
 from dadpo_offline.errors import InputError
 from dadpo_offline.manifest import PromptsConfig, PromptSource
-from dadpo_offline.precompute.prompts import (benchmark_questions, builtin_prompts, collect_prompts,
+from dadpo_offline.core.prompts import (benchmark_questions, builtin_prompts, collect_prompts,
                                               hub_conversation, hub_prompts, read_prompts)
 
 

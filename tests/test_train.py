@@ -276,8 +276,8 @@ def test_resume_after_kill_reaches_the_uninterrupted_final_state(tiny_cache, tmp
 def test_sft_examples_are_the_ids_the_reference_was_scored_on(tiny_cache):
     """The teacher here has another tokenizer, so dSFT re-templates its text with the student's
     template exactly as the score stage did: the ids must equal the cached chosen ids."""
-    from dadpo_offline.models import resolve_model
-    from dadpo_offline.precompute.chat import load_chat_format
+    from dadpo_offline.core.models import resolve_model
+    from dadpo_offline.core.chat import load_chat_format
     from dadpo_offline.train.data import load_sft_examples
 
     m = load_manifest(tiny_cache)

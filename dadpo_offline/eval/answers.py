@@ -14,9 +14,9 @@ import pyarrow as pa
 from ..cache.index import CacheIndex
 from ..cache.schema import ANSWERS
 from ..cache.shards import fingerprint
-from ..precompute.engines import Request, engine_identity
-from ..precompute.run import Engines, Role
-from ..precompute.stages import request_seed
+from ..core.engines import Request, engine_identity, request_seed
+from ..core.roles import Engines, Role
+
 from .store import cached_shards
 
 

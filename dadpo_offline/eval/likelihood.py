@@ -10,7 +10,7 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from ..precompute.run import Engines, Role
+from ..core.roles import Engines, Role
 from .answers import Question
 
 

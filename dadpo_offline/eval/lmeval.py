@@ -23,8 +23,8 @@ from tqdm import tqdm
 from ..cache.shards import file_sha256, fingerprint
 from ..errors import InputError
 from ..manifest import LmEvalConfig
-from ..models import ResolvedModel
-from ..precompute.engines import cuda_available, resolve_dtype
+from ..core.models import ResolvedModel
+from ..core.engines import cuda_available, resolve_dtype
 from ..files import atomic_text
 
 LOCAL_SUFFIX = "_local"

@@ -17,9 +17,9 @@ import pyarrow as pa
 from ..cache.index import open_cache
 from ..errors import InputError
 from ..manifest import EvalConfig, JudgeConfig, Manifest, ModelConfig, write_resolved
-from ..models import resolve_model
-from ..precompute.engines import pick_backend
-from ..precompute.run import Engines, model_role
+from ..core.models import resolve_model
+from ..core.engines import pick_backend
+from ..core.roles import Engines, model_role
 from ..train.runs import stage_dir
 from . import mtbench, winrate
 from .answers import Question, generate_answers

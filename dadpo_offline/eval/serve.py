@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..errors import JudgeError
 from ..manifest import JudgeConfig
-from ..models import resolve_model
-from ..precompute.engines import cuda_available, resolve_dtype
+from ..core.models import resolve_model
+from ..core.engines import cuda_available, resolve_dtype
 
 START_TIMEOUT_S = 600
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from ..manifest import WinRateConfig
-from ..precompute.prompts import load_source
+from ..core.prompts import load_source
 from .answers import Question
 
 TEMPLATE = "pair-v2"

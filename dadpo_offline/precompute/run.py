@@ -24,10 +24,9 @@ from ..cache.index import CacheIndex, open_cache
 from ..cache.shards import fingerprint, read_shard, remove_stale_temps, shard_path, write_shard
 from ..errors import CacheError, InputError
 from ..manifest import Manifest, manifest_dict, write_resolved
-from ..models import ResolvedModel, resolve_model
-from .chat import ChatFormat, load_chat_format
-from .engines import engine_identity, open_engine, pick_backend, resolve_dtype
-from .prompts import collect_prompts
+from ..core.engines import engine_identity, pick_backend
+from ..core.prompts import collect_prompts
+from ..core.roles import Engines, Role, model_role
 from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard
 
 STAGE_CHOICES = ("all", "prompts", "generate", "score")
@@ -49,36 +48,6 @@ class Summary:
     prompts: int
     dropped: dict
     stages: list[StageReport] = field(default_factory=list)
-
-
-@dataclass
-class Role:
-    """One model as a stage uses it: resolved weights, its own chat format, engine numerics."""
-    name: str
-    model: ResolvedModel
-    fmt: ChatFormat
-    dtype: str
-
-
-class Engines:
-    """Keeps one engine loaded at a time and reuses it while consecutive stages want the same model."""
-
-    def __init__(self, manifest: Manifest, backend: str):
-        self.manifest, self.backend, self.key, self.engine = manifest, backend, None, None
-
-    def get(self, role: Role):
-        key = (role.model.path, role.model.revision, role.dtype)
-        if key != self.key:
-            self.close()
-            tqdm.write(f"loading {role.model.reference} ({self.backend}, {role.dtype}) for {role.name}", file=sys.stderr)
-            self.engine = open_engine(role.model, self.backend, role.dtype, self.manifest.engine, role.fmt.end_of_turn_id)
-            self.key = key
-        return self.engine
-
-    def close(self):
-        if self.engine is not None:
-            self.engine.close()
-        self.engine, self.key = None, None
 
 
 def parse_shard_spec(spec: str | None) -> tuple[int, int]:
@@ -205,11 +174,6 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     finally:
         engines.close()
     return summary
-
-
-def model_role(name: str, config) -> Role:
-    model = resolve_model(config.model, config.revision)
-    return Role(name, model, load_chat_format(model, config.end_of_turn, config.chat_template), resolve_dtype(config.dtype))
 
 
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:

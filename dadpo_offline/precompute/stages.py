@@ -5,7 +5,6 @@ crash, or by another `--shard i/N` job, holds exactly the same rows.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 
 import duckdb
@@ -15,9 +14,9 @@ from ..cache.query import arrow_table
 from ..cache.schema import GENERATIONS, PAIRS, PAIRS_JOIN_SQL, PROMPTS, SCORES
 from ..errors import InputError, ModelError
 from ..manifest import SamplingConfig
-from .chat import ChatFormat
-from .engines import Request
-from .prompts import Prompt, make_prompt
+from ..core.chat import ChatFormat
+from ..core.engines import Request, request_seed
+from ..core.prompts import Prompt, make_prompt
 
 
 def fit_prompt(prompt: Prompt, formats: list[ChatFormat], max_tokens: int, mode: str) -> tuple[Prompt | None, list]:
@@ -51,11 +50,6 @@ def prompts_table(prompts: list[Prompt], rendered: list[list[list[int]]], shard_
         "student_prompt_tokens": len(student), "teacher_prompt_tokens": len(teacher), "shard": i // shard_size,
         "student_prompt_ids": student, "teacher_prompt_ids": teacher,
     } for i, (p, (student, teacher)) in enumerate(zip(prompts, rendered))], schema=PROMPTS)
-
-
-def request_seed(seed: int, prompt_id: str, sample: int, role: str) -> int:
-    """Per-request seed: the same answer whatever batch or job the request lands in."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{sample}:{role}".encode()).digest()[:7], "big")
 
 
 def generate_shard(prompts: pa.Table, role: str, fmt: ChatFormat, engine, sampling: SamplingConfig,

@@ -20,7 +20,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..errors import TrainError
 from ..manifest import Manifest, effective_betas
-from ..models import resolve_model
+from ..core.models import resolve_model
 from .check import step0_check
 from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps

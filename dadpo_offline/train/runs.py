@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from ..errors import ModelError, TrainError
 from ..files import apply_umask
 from ..manifest import Manifest, TrainConfig, write_resolved
-from ..models import ResolvedModel, resolve_model
+from ..core.models import ResolvedModel, resolve_model
 
 
 def stage_dir(manifest: Manifest, stage: str) -> Path:

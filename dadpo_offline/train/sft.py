@@ -13,8 +13,8 @@ from __future__ import annotations
 from transformers import PrinterCallback, Trainer
 
 from ..manifest import Manifest
-from ..models import resolve_model
-from ..precompute.chat import load_chat_format
+from ..core.models import resolve_model
+from ..core.chat import load_chat_format
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
 from ..cache.index import open_cache

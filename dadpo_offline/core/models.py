@@ -13,10 +13,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache.shards import file_sha256
-from .errors import ModelError
-from .files import apply_umask, atomic_text
-from .package_data import SMOLLM2_GGUF, PackageDataMissing, installed_path
+from ..cache.shards import file_sha256
+from ..errors import ModelError
+from ..files import apply_umask, atomic_text
+from ..package_data import SMOLLM2_GGUF, PackageDataMissing, installed_path
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {"smollm2-135m-instruct": SMOLLM2_GGUF}  # name -> (distribution, GGUF file inside it)

@@ -18,7 +18,7 @@ from pathlib import Path
 import jinja2
 
 from ..errors import ModelError
-from ..models import ResolvedModel
+from .models import ResolvedModel
 
 
 TEMPLATE_DATE = datetime(2026, 1, 1)

@@ -7,6 +7,7 @@ exact-numerics option (fp32 forward, log-softmax only over the response position
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import ModelError
 from ..manifest import EngineConfig
-from ..models import ResolvedModel
+from .models import ResolvedModel
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Request:
 class Completion:
     token_ids: list[int]
     finished: bool  # stopped on end-of-turn (else cut at max_tokens)
+
+
+def request_seed(seed: int, prompt_id: str, sample: int, role: str) -> int:
+    """Per-request seed: the same answer whatever batch or job the request lands in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{sample}:{role}".encode()).digest()[:7], "big")
 
 
 def pick_backend(requested: str) -> str:

@@ -1,0 +1,1 @@
+"""What every stage stands on: model resolution, chat formats, inference engines, roles, prompt sources, the run layout."""
