@@ -35,7 +35,7 @@ def no_models(monkeypatch):
     import transformers
 
     from dadpo_offline.core import models
-    from dadpo_offline.precompute import engines
+    from dadpo_offline.core import engines
 
     for cls in (transformers.AutoModelForCausalLM, transformers.PreTrainedModel, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "from_pretrained", refuse)
