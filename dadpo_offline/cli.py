@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import DadpoError
+from .losses import LOSSES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_MANIFEST = "manifests/demo.yaml"
@@ -112,23 +113,25 @@ def run(manifest, overrides, dry_run):
         return
     from .pipeline import format_steps, run_pipeline
 
+    from .core.layout import RunLayout
+
     steps = run_pipeline(m)
     click.echo(format_steps(steps))
-    run_dir = Path(m.cache_dir).parent
-    click.echo(f"report: {run_dir / 'report' / 'report.md'}; query: dadpo-offline sql {m.cache_dir} "
+    click.echo(f"report: {RunLayout.of(m).report / 'report.md'}; query: dadpo-offline sql {m.cache_dir} "
                "\"SELECT model, metric, value FROM eval_results\"", err=True)
 
 
 @main.command(context_settings=CONTEXT)
 @manifest_options
 @click.option("--stage", type=click.Choice(["sft", "dadpo"]), default="dadpo", show_default=True,
-              help="sft: fine-tune the student on teacher responses (makes the reference); dadpo: preference training.")
-@click.option("--loss", type=click.Choice(["dadpo", "ddpo", "rdpo"]), help="Loss for --stage dadpo (default: train.loss).")
+              help="sft: fine-tune the student on teacher responses (makes the reference; settings: sft.*); "
+                   "dadpo: preference training (settings: train.*).")
+@click.option("--loss", type=click.Choice(sorted(LOSSES)), help="Loss for --stage dadpo (default: train.loss).")
 @click.option("--beta1", type=float, help="Weight of the reference anchor (default: train.beta1).")
 @click.option("--beta2", type=float, help="Weight of the teacher anchor (default: train.beta2).")
-@click.option("--max-steps", type=int, help="Stop after this many optimiser steps (default: train.max_steps).")
+@click.option("--max-steps", type=int, help="Stop after this many optimiser steps (default: sft.max_steps or train.max_steps).")
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Folder for stage outputs (default: train.output_dir).")
-@click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint (default: train.resume).")
+@click.option("--resume/--no-resume", default=None, help="Continue from the newest checkpoint (default: sft.resume or train.resume).")
 @domain_errors
 def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir, resume):
     """Train the student: dSFT, then daDPO / dDPO / rDPO from the cache.
@@ -136,6 +139,7 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
     \b
     Only the student policy (and its optimiser) is in memory: reference and teacher log-probs are
     read from the cache. Rerun the same command after a crash to resume from the last checkpoint.
+    Each stage has its own settings (sft.* and train.*) and its own run identity.
     Multi-GPU: accelerate launch --config_file manifests/accelerate_fsdp.yaml -m dadpo_offline train ...
 
     \b
@@ -145,9 +149,11 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
     """
     import json
 
-    flags = {"loss": loss, "beta1": beta1, "beta2": beta2, "max_steps": max_steps, "resume": resume,
-             "output_dir": str(Path(output_dir).resolve()) if output_dir else None}  # a flag's path is the shell's
-    extra = [f"train.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    section = "sft" if stage == "sft" else "train"
+    flags = {"train.loss": loss, "train.beta1": beta1, "train.beta2": beta2, f"{section}.max_steps": max_steps,
+             f"{section}.resume": resume,
+             "train.output_dir": str(Path(output_dir).resolve()) if output_dir else None}  # a flag's path is the shell's
+    extra = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     m = load(manifest, list(overrides) + extra)
     if stage == "sft":
         from .train.sft import train_sft
@@ -249,28 +255,38 @@ def eval_command(manifest, overrides, suites, models, only, output_dir):
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("run_dir", type=click.Path())
+@click.argument("target", metavar="RUN_DIR|MANIFEST", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field of MANIFEST, e.g. --set train.output_dir=/scratch/train (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False),
-              help="Folder for the PNGs, report.md and report.html (default: RUN_DIR/report).")
-@click.option("--eval-run", metavar="ID", help="Eval run folder under RUN_DIR/eval to report (default: the newest).")
+              help="Folder for the PNGs, report.md and report.html (default: the run folder's report/).")
+@click.option("--eval-run", metavar="ID", help="Eval run folder to report (default: the newest).")
 @domain_errors
-def report(run_dir, out, eval_run):
-    """Write plots and a Markdown + HTML summary of one pipeline run folder.
+def report(target, overrides, out, eval_run):
+    """Write plots and a Markdown + HTML summary of one pipeline run.
 
     \b
-    Reads what exists: RUN_DIR/cache (teacher margins over pairs), RUN_DIR/train/<stage>
-    (training curves, settings) and RUN_DIR/eval/<run id> (results table, MT-Bench categories);
-    lists what is missing. Prints the path of report.md; report.html is one file with the
-    images inline, fit to mail.
+    Give the run folder that `run` filled (cache/, train/, eval/ inside it) or the run's manifest,
+    which also finds outputs that train.output_dir and eval.output_dir moved elsewhere. Reads what
+    exists: the cache (teacher margins over pairs), each training stage (curves, settings) and an
+    eval run (results table, MT-Bench categories); lists what is missing. Prints the path of
+    report.md; report.html is one file with the images inline, fit to mail.
 
     \b
     Example:
       dadpo-offline report runs/demo
-      dadpo-offline report runs/demo --out /tmp/demo-report --eval-run 20250101-120000
+      dadpo-offline report manifests/demo.yaml --out /tmp/demo-report --eval-run 20250101-120000
     """
+    from .core.layout import RunLayout
     from .report import write_report
 
-    result = write_report(Path(run_dir), Path(out) if out else None, eval_run)
+    if Path(target).is_file() and Path(target).suffix in (".yaml", ".yml"):
+        layout = RunLayout.of(load(target, overrides))
+    elif overrides:
+        raise click.BadParameter("--set needs a MANIFEST, not a run folder", param_hint="--set")
+    else:
+        layout = RunLayout.in_folder(target)
+    result = write_report(layout, Path(out) if out else None, eval_run)
     for path in result["files"]:
         click.echo(f"wrote {path}", err=True)
     for line in result["missing"]:

@@ -79,16 +79,12 @@ class PairsConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    loss: Literal["dadpo", "ddpo", "rdpo"] = "dadpo"  # ddpo: beta2 = 0; rdpo: beta1 = 0
-    compare: list[Literal["dadpo", "ddpo", "rdpo"]] = field(default_factory=lambda: ["ddpo"])  # `run` trains these too, same budget
-    beta1: float = 0.1  # weight of the reference (dSFT student) anchor
-    beta2: float = 0.01  # weight of the teacher anchor
-    learning_rate: float = 5e-7  # paper value
-    batch_size: int = 32  # pairs per optimiser step (paper value)
+class TrainerConfig:
+    """What both training stages give the Trainer; each stage has its own copy and its own run identity."""
+    learning_rate: float = 5e-7
+    batch_size: int = 32  # sequences (dSFT) or pairs (preference) per optimiser step (paper value)
+    micro_batch_size: int = 4  # per forward; batch_size / (micro_batch_size * GPUs) = grad accumulation
     epochs: int = 1
-    output_dir: Optional[str] = None  # default: <cache_dir>/../train; stages write <output_dir>/sft and /<loss>
-    micro_batch_size: int = 4  # pairs per forward; batch_size / (micro_batch_size * GPUs) = grad accumulation
     max_steps: int = -1  # > 0 stops after this many optimiser steps (smoke runs, sweeps)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"  # Trainer names
     warmup_ratio: float = 0.1  # fraction of steps with a rising lr (OpenRLHF/paper style)
@@ -102,16 +98,27 @@ class TrainConfig:
     logging_steps: int = 1  # metrics every N steps (loss, margins, rewards, tokens/s)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # Trainer integrations; [] for none
     resume: bool = True  # rerunning a stage continues from its newest checkpoint
-    init_model: Optional[str] = None  # daDPO start; default: the reference (the dSFT student)
-    sft_learning_rate: float = 2e-5  # dSFT is ordinary fine-tuning: a usual SFT rate
-    sft_epochs: int = 1
-    step0_pairs: int = 8  # pairs re-scored before daDPO to compare with the cached reference; 0 skips
+
+
+@dataclass(frozen=True)
+class SftConfig(TrainerConfig):
+    """dSFT: the student fine-tuned on the teacher's responses; it becomes the reference."""
+    learning_rate: float = 2e-5  # dSFT is ordinary fine-tuning: a usual SFT rate
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainerConfig):
+    """Preference training (daDPO and its baselines) from the cached pairs."""
+    learning_rate: float = 5e-7  # paper value
+    loss: str = "dadpo"  # a name in losses.LOSSES: dadpo, ddpo (beta2 = 0), rdpo (beta1 = 0)
+    compare: list[str] = field(default_factory=lambda: ["ddpo"])  # `run` trains these too, same budget
+    beta1: float = 0.1  # weight of the reference (dSFT student) anchor
+    beta2: float = 0.01  # weight of the teacher anchor
+    loss_params: dict[str, dict[str, float]] = field(default_factory=dict)  # loss -> its own parameters
+    output_dir: Optional[str] = None  # default: <cache_dir>/../train; both stages write <output_dir>/sft and /<loss>
+    init_model: Optional[str] = None  # preference training's start; default: the reference (the dSFT student)
+    step0_pairs: int = 8  # pairs re-scored before training to compare with the cached reference; 0 skips
     step0_max_token_gap: Optional[float] = None  # nats/token (mean |policy − cached reference|) that stops training; None: by dtype
-
-
-def effective_betas(loss: str, beta1: float, beta2: float) -> tuple[float, float]:
-    """The betas a named loss really uses (dDPO drops β2, rDPO β1): for training, logs, plans and reports."""
-    return {"dadpo": (beta1, beta2), "ddpo": (beta1, 0.0), "rdpo": (0.0, beta2)}[loss]
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,7 @@ class Manifest:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)  # which cached pairs are trained on; the rest: `dropped_pairs`
     engine: EngineConfig = field(default_factory=EngineConfig)
+    sft: SftConfig = field(default_factory=SftConfig)  # dSFT, the first training stage
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -341,6 +349,40 @@ def _check_combinations(m: Manifest) -> list[str]:
         problems.append(f"prune.ratio: must be in (0, 1), got {m.prune.ratio}")
     if m.engine.gpu_memory_utilization is not None and not 0 < m.engine.gpu_memory_utilization <= 1:
         problems.append(f"engine.gpu_memory_utilization: must be in (0, 1], got {m.engine.gpu_memory_utilization}")
+    return problems + _trainer_problems("sft", m.sft) + _trainer_problems("train", m.train) + _loss_problems(m.train)
+
+
+def _trainer_problems(section: str, t: TrainerConfig) -> list[str]:
+    """Bad Trainer settings of one training stage, found at load rather than after phase one."""
+    problems = [f"{section}.{key} must be >= 1, got {getattr(t, key)}"
+                for key in ("batch_size", "micro_batch_size", "epochs", "save_steps", "logging_steps")
+                if getattr(t, key) < 1]
+    problems += [f"{section}.{key} must be >= 0, got {getattr(t, key)}" for key in ("weight_decay", "max_grad_norm")
+                 if getattr(t, key) < 0]
+    if not t.learning_rate > 0:
+        problems.append(f"{section}.learning_rate must be > 0, got {t.learning_rate}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"{section}.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.micro_batch_size >= 1 and t.batch_size % min(t.micro_batch_size, t.batch_size):
+        problems.append(f"{section}.batch_size={t.batch_size} is not a multiple of {section}.micro_batch_size="
+                        f"{t.micro_batch_size}")
+    return problems
+
+
+def _loss_problems(t: TrainConfig) -> list[str]:
+    """The loss registry checks its names, the betas each loss uses and each loss's own parameters."""
+    from .losses import LOSSES
+
+    known = ", ".join(map(repr, sorted(LOSSES)))
+    problems = [f"train.{key}: {name!r} is not one of {known}"
+                for key, names in (("loss", [t.loss]), ("compare", t.compare),
+                                   ("loss_params", list(t.loss_params))) for name in names if name not in LOSSES]
+    problems += [f"train.{key} must be >= 0, got {getattr(t, key)}"
+                 for key in ("beta1", "beta2", "step0_pairs", "step0_max_token_gap")
+                 if getattr(t, key) is not None and getattr(t, key) < 0]
+    for name in dict.fromkeys([t.loss, *t.compare]):
+        if name in LOSSES and t.beta1 >= 0 and t.beta2 >= 0:
+            problems += LOSSES[name].problems(t.beta1, t.beta2, t.loss_params.get(name, {}))
     return problems
 
 

@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .core.layout import RunLayout
+from .core.steps import pipeline_steps
 from .errors import InputError
 from .manifest import Manifest, ModelConfig
-from .train.runs import stage_dir
 
 
 @dataclass
-class Step:
+class StepResult:
     name: str
     seconds: float
     detail: str
@@ -27,17 +28,14 @@ class Step:
 
 def with_reference(m: Manifest) -> Manifest:
     """The manifest as used after dSFT: the dSFT student is the reference and daDPO's start."""
-    sft = ModelConfig(model=str(stage_dir(m, "sft")), dtype=m.student.dtype, end_of_turn=m.student.end_of_turn)
+    sft = ModelConfig(model=str(RunLayout.of(m).stage("sft")), dtype=m.student.dtype, end_of_turn=m.student.end_of_turn)
     return dataclasses.replace(m, reference=sft)
 
 
-def losses(m: Manifest) -> list[str]:
-    return list(dict.fromkeys([m.train.loss, *m.train.compare]))
-
-
-def run_pipeline(m: Manifest) -> list[Step]:
+def run_pipeline(m: Manifest) -> list[StepResult]:
     from .eval.run import evaluate
     from .precompute.run import precompute
+    from .prune import prune_model
     from .report import write_report
     from .train.dpo import train_dadpo
     from .train.sft import train_sft
@@ -45,31 +43,29 @@ def run_pipeline(m: Manifest) -> list[Step]:
     if m.reference is not None:
         raise InputError("run makes the reference itself (dSFT of the student): remove `reference:` from the manifest, "
                          "or run the steps one by one (precompute, train, eval)")
-    steps: list[Step] = []
-
-    def step(name: str, work, describe) -> None:
-        print(f"\n== {name}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        result = work()
-        steps.append(Step(name, round(time.perf_counter() - start, 1), describe(result)))
-        print(f"== {name}: {steps[-1].detail} ({steps[-1].seconds} s)", file=sys.stderr, flush=True)
-
-    if m.prune.source:
-        from .prune import prune_model
-
-        step("prune", lambda: prune_model(m.prune.source, m.prune.ratio, Path(m.student.model),
-                                          m.prune.calibration_prompts, chat_template=m.student.chat_template),
-             lambda r: f"{r['layers_before']} → {r['layers_after']} layers, removed {r['removed']}")
-    step("generate", lambda: precompute(m, stage="generate"), describe_precompute)
-    step("dsft", lambda: train_sft(m), describe_training)
     scored = with_reference(m)
-    step("score", lambda: precompute(scored, stage="score"), describe_precompute)
-    for loss in losses(m):
-        trained = dataclasses.replace(scored, train=dataclasses.replace(scored.train, loss=loss))
-        step(loss, lambda: train_dadpo(trained), describe_training)
-    step("eval", lambda: evaluate(scored), lambda r: f"results in {r.run_dir}")
-    step("report", lambda: write_report(Path(m.cache_dir).parent), lambda r: f"{len(r['files'])} files")
-    return steps
+    work = {"prune": (lambda: prune_model(m.prune.source, m.prune.ratio, Path(m.student.model),
+                                          m.prune.calibration_prompts, chat_template=m.student.chat_template),
+                      lambda r: f"{r['layers_before']} → {r['layers_after']} layers, removed {r['removed']}"),
+            "generate": (lambda: precompute(m, stage="generate"), describe_precompute),
+            "dsft": (lambda: train_sft(m), describe_training),
+            "score": (lambda: precompute(scored, stage="score"), describe_precompute),
+            "eval": (lambda: evaluate(scored), lambda r: f"results in {r.run_dir}"),
+            "report": (lambda: write_report(RunLayout.of(m)), lambda r: f"{len(r['files'])} files")}
+    results: list[StepResult] = []
+    for step in pipeline_steps(m):
+        run, describe = work.get(step.name) or (train_loss(scored, step.name, train_dadpo), describe_training)
+        print(f"\n== {step.name}", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        outcome = run()
+        results.append(StepResult(step.name, round(time.perf_counter() - start, 1), describe(outcome)))
+        print(f"== {step.name}: {results[-1].detail} ({results[-1].seconds} s)", file=sys.stderr, flush=True)
+    return results
+
+
+def train_loss(scored: Manifest, loss: str, train_dadpo):
+    trained = dataclasses.replace(scored, train=dataclasses.replace(scored.train, loss=loss))
+    return lambda: train_dadpo(trained)
 
 
 def describe_precompute(summary) -> str:
@@ -83,7 +79,7 @@ def describe_training(result: dict) -> str:
     return f"{result['steps']} steps, train loss {result['train_loss']:.4f}{resumed}"
 
 
-def format_steps(steps: list[Step]) -> str:
+def format_steps(steps: list[StepResult]) -> str:
     width = max(len(s.name) for s in steps)
     lines = [f"{s.name:<{width}}  {s.seconds:>7.1f} s  {s.detail}" for s in steps]
     return "\n".join(lines + [f"{'total':<{width}}  {sum(s.seconds for s in steps):>7.1f} s"])

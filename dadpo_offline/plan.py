@@ -12,9 +12,13 @@ import json
 import re
 from pathlib import Path
 
-from .errors import DadpoError, ManifestError
-from .manifest import Manifest, PromptsConfig, effective_betas
+from .core.engines import pick_backend
+from .core.layout import RunLayout
 from .core.models import EMBEDDED_MODELS, EMBEDDED_PREFIX, user_cache_dir
+from .core.steps import pipeline_steps, trained_losses
+from .errors import DadpoError, ManifestError
+from .losses import effective_betas
+from .manifest import Manifest, PromptsConfig, TrainerConfig
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto is bf16 on the GPUs a plan is for
@@ -40,16 +44,7 @@ NO_CHAT_TEMPLATE = {"lmsys/vicuna-7b-v1.5"}  # their tokenizers ship none: preco
 
 def plan(manifest: Manifest) -> dict:
     """Check a manifest and describe what `run` will do; raise ManifestError listing every problem at once."""
-    from .pipeline import losses
-    from .train.runs import check_config, stage_dir
-
-    m, problems, warnings = manifest, [], []
-    try:
-        check_config(m.train)
-    except DadpoError as exc:
-        problems.append(str(exc))
-    if m.train.batch_size % min(m.train.micro_batch_size, m.train.batch_size):
-        problems.append(f"train.batch_size={m.train.batch_size} is not a multiple of train.micro_batch_size")
+    m, problems, warnings = manifest, [], []  # what the manifest alone shows was checked when it loaded
     teacher = describe_model(m.teacher.model, m.teacher.revision, m.teacher.dtype, problems)
     if m.prune.source and not Path(m.student.model).expanduser().exists():
         if m.student.model.startswith(EMBEDDED_PREFIX) or _hub_like(m.student.model):
@@ -80,17 +75,15 @@ def plan(manifest: Manifest) -> dict:
     judged = [s for s in m.eval.suites if s in ("mtbench", "alpacaeval", "winrate")]
     if judged and not (m.eval.judge.serve or (m.eval.judge.base_url and m.eval.judge.model)):
         warnings.append(f"eval suites {', '.join(judged)} need a judge: eval.judge.base_url and model, or judge.serve")
-    from .core.engines import pick_backend
-
-    backend = pick_backend(m.engine.backend)
-    sft_dir = stage_dir(m, "sft")
-    return {"name": m.name, "cache_dir": m.cache_dir, "backend": backend, "models": models, "prompts": prompts,
-            "reference": "the manifest's reference" if m.reference else f"the dSFT student, {sft_dir}",
-            "stages": stages(m, models, prompts, sft_dir, losses(m)), "warnings": warnings}
+    sft_dir = RunLayout.of(m).stage("sft")
+    return {"name": m.name, "cache_dir": m.cache_dir, "backend": pick_backend(m.engine.backend), "models": models,
+            "prompts": prompts, "reference": "the manifest's reference" if m.reference else f"the dSFT student, {sft_dir}",
+            "stages": stages(m, models, prompts, sft_dir), "warnings": warnings}
 
 
-def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path, losses: list[str]) -> list[dict]:
-    """`run`'s steps in order (see pipeline.py), each with its tokens, GPU memory and the command that runs it alone."""
+def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict]:
+    """`run`'s steps in order (core/steps.py), each part with its tokens and GPU memory, and the command that
+    runs its step alone."""
     n, samples, p = prompts["count"], m.generate.samples_per_prompt, prompts["tokens"]
     tt, ts = m.generate.teacher.max_tokens, m.generate.student.max_tokens
     student, teacher, t = models["student"], models["teacher"], m.train
@@ -102,49 +95,47 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path, losses: list
             return {"tokens": UNKNOWN_PROMPTS, "tokens_basis": basis}
         return {"tokens": n * samples * per_prompt * epochs, "tokens_basis": f"{n:,} {basis}"}
 
-    def steps(epochs: int) -> str:
-        return f"; {-(-n * samples // t.batch_size) * epochs:,} optimiser steps of {t.batch_size}" if n else ""
+    def steps(config) -> str:
+        return (f"; {-(-n * samples // config.batch_size) * config.epochs:,} optimiser steps of {config.batch_size}"
+                if n else "")
 
-    use = f" --set reference.model={sft_dir}" if m.reference is None else ""
     generate = lambda k: tokens(k, f"{k:,} max_tokens: an upper bound, answers stop at their end of turn")
     pair = (2 * p + tt + ts, f"2 × {p:,} prompt + {tt:,} + {ts:,} response tokens")
-    out = []
+    losses = trained_losses(m)
+    judge = m.eval.judge.serve and f"{m.eval.judge.serve}, served locally" or m.eval.judge.model or "none set"
+    parts = {
+        "prompts": {"what": "read, de-duplicate and fit the prompts"},
+        "generate-student": {"model": "student", "what": "sample y_s (rejected)", **generate(ts),
+                             "memory": inference_memory(student, m, scoring=False)},
+        "generate-teacher": {"model": "teacher", "what": "sample y_t (chosen)", **generate(tt),
+                             "memory": inference_memory(teacher, m, scoring=False)},
+        "train-sft": {"model": "student", "what": f"dSFT on y_t → {sft_dir}, lr {m.sft.learning_rate:g}" + steps(m.sft),
+                      **tokens(p + tt, f"{p:,} prompt + {tt:,} response tokens", m.sft.epochs),
+                      "memory": train_memory(student, m.sft, sequences=1, length=m.prompts.max_prompt_tokens + tt)},
+        "score-teacher": {"model": "teacher", "what": "log π_te of y_t and y_s, teacher's own tokenizer",
+                          **tokens(*pair), "memory": inference_memory(teacher, m, scoring=True)},
+        "score-reference": {"model": "reference", "what": "log π_ref of y_t and y_s, π_ref = "
+                            + ("the manifest's reference" if m.reference else "the dSFT student"), **tokens(*pair),
+                            "memory": inference_memory(reference, m, scoring=True)},
+        "pairs": {"what": "join prompts, generations and scores per shard (DuckDB, CPU)"},
+        "eval": {"model": "teacher", "what": f"{', '.join(m.eval.suites)} for teacher, student, sft, {', '.join(losses)} "
+                 f"(judge: {judge}); answers and judgments cached", "memory": inference_memory(teacher, m, scoring=False)},
+        "report": {"what": f"plots, report.md and report.html in {RunLayout.of(m).report}"}}
     if "source_info" in student:  # prune.source set and the student folder not made yet
-        out.append({"stage": "prune", "model": "student", "what": f"drop {m.prune.ratio:.0%} of the decoder layers of "
-                    f"{m.prune.source}, ranked on {m.prune.calibration_prompts} built-in prompts, into {m.student.model}",
-                    "memory": prune_memory(student["source_info"])})
-    out += [
-        {"stage": "prompts", "what": "read, de-duplicate and fit the prompts",
-         "command": "dadpo-offline precompute MANIFEST --stage generate   (prompts and both generations)"},
-        {"stage": "generate-student", "model": "student", "what": "sample y_s (rejected)", **generate(ts),
-         "memory": inference_memory(student, m, scoring=False)},
-        {"stage": "generate-teacher", "model": "teacher", "what": "sample y_t (chosen)", **generate(tt),
-         "memory": inference_memory(teacher, m, scoring=False)},
-        {"stage": "train-sft", "model": "student", "what": f"dSFT on y_t → {sft_dir}" + steps(t.sft_epochs),
-         **tokens(p + tt, f"{p:,} prompt + {tt:,} response tokens", t.sft_epochs),
-         "memory": train_memory(student, m, sequences=1, length=m.prompts.max_prompt_tokens + tt),
-         "command": "dadpo-offline train MANIFEST --stage sft"},
-        {"stage": "score-teacher", "model": "teacher", "what": "log π_te of y_t and y_s, teacher's own tokenizer",
-         **tokens(*pair), "memory": inference_memory(teacher, m, scoring=True),
-         "command": f"dadpo-offline precompute MANIFEST --stage score{use}   (scores and pairs)"},
-        {"stage": "score-reference", "model": "reference", "what": "log π_ref of y_t and y_s, π_ref = "
-         + ("the manifest's reference" if m.reference else "the dSFT student"), **tokens(*pair),
-         "memory": inference_memory(reference, m, scoring=True)},
-        {"stage": "pairs", "what": "join prompts, generations and scores per shard (DuckDB, CPU)"}]
+        parts["prune"] = {"model": "student", "what": f"drop {m.prune.ratio:.0%} of the decoder layers of "
+                          f"{m.prune.source}, ranked on {m.prune.calibration_prompts} built-in prompts, into "
+                          f"{m.student.model}", "memory": prune_memory(student["source_info"])}
     for loss in losses:
         beta1, beta2 = effective_betas(loss, t.beta1, t.beta2)
-        out.append({"stage": f"train-{loss}", "model": "student", "what": f"{loss} from the dSFT student, "
-                    f"β1={beta1:g}, β2={beta2:g}, "
-                    f"lr {t.learning_rate:g}" + steps(t.epochs), **tokens(*pair, t.epochs),
-                    "memory": train_memory(student, m, sequences=2, length=m.prompts.max_prompt_tokens + max(tt, ts)),
-                    "command": f"dadpo-offline train MANIFEST --stage dadpo --loss {loss}{use}"})
-    judge = m.eval.judge.serve and f"{m.eval.judge.serve}, served locally" or m.eval.judge.model or "none set"
-    out.append({"stage": "eval", "model": "teacher", "what": f"{', '.join(m.eval.suites)} for teacher, student, sft, "
-                f"{', '.join(losses)} (judge: {judge}); answers and judgments cached",
-                "memory": inference_memory(teacher, m, scoring=False), "command": f"dadpo-offline eval MANIFEST{use}"})
-    run_dir = Path(m.cache_dir).parent
-    out.append({"stage": "report", "what": f"plots, report.md and report.html in {run_dir / 'report'}",
-                "command": f"dadpo-offline report {run_dir}"})
+        parts[f"train-{loss}"] = {"model": "student", "what": f"{loss} from the dSFT student, β1={beta1:g}, β2={beta2:g}, "
+                                  f"lr {t.learning_rate:g}" + steps(t), **tokens(*pair, t.epochs),
+                                  "memory": train_memory(student, t, sequences=2,
+                                                         length=m.prompts.max_prompt_tokens + max(tt, ts))}
+    out = []
+    for step in pipeline_steps(m):
+        described = [name for name in step.parts if name in parts]
+        out += [{"stage": name, **parts[name]} | ({"command": step.command} if i == 0 else {})
+                for i, name in enumerate(described)]
     return out
 
 
@@ -181,12 +172,12 @@ def inference_memory(info: dict, m: Manifest, scoring: bool) -> dict:
     return {"weights_gb": round(weights, 2), "total_gb": round(total, 2), "basis": basis}
 
 
-def train_memory(info: dict, m: Manifest, sequences: int, length: int) -> dict:
+def train_memory(info: dict, t: TrainerConfig, sequences: int, length: int) -> dict:
     """Full fine-tuning, one GPU: 16 B/param of states, plus activations of one micro-batch (rough)."""
     if info["params"] is None:
         return {"states_gb": None, "activations_gb": None, "total_gb": None, "basis": "unknown: no parameter count"}
     states = info["params"] * TRAIN_BYTES_PER_PARAM / GB
-    tokens = m.train.micro_batch_size * sequences * length
+    tokens = t.micro_batch_size * sequences * length
     basis = (f"states {states:.1f} GB ({info['params'] / 1e9:.2f}B × {TRAIN_BYTES_PER_PARAM} B: fp32 weights, grads, "
              "2 AdamW moments; FSDP over G GPUs divides it by G)")
     activations = None
@@ -194,11 +185,11 @@ def train_memory(info: dict, m: Manifest, sequences: int, length: int) -> dict:
     if shapes:
         h, i, layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_hidden_layers"]
         per_layer = 20 * h + 8 * i  # bf16 projections and MLP, fp32 residual stream, per token (rough)
-        kept = 4 * h * layers + per_layer if m.train.gradient_checkpointing else per_layer * layers
+        kept = 4 * h * layers + per_layer if t.gradient_checkpointing else per_layer * layers
         activations = tokens * (kept + 8 * shapes["vocab_size"]) / GB  # + bf16 logits and fp32 log-softmax
         basis += (f" + activations ≈ {activations:.1f} GB (rough: {tokens:,} tokens = micro_batch_size "
-                  f"{m.train.micro_batch_size} × {sequences} × {length} at most, gradient_checkpointing "
-                  f"{'on' if m.train.gradient_checkpointing else 'off'})")
+                  f"{t.micro_batch_size} × {sequences} × {length} at most, gradient_checkpointing "
+                  f"{'on' if t.gradient_checkpointing else 'off'})")
     total = states + (activations or 0)
     return {"states_gb": round(states, 2), "activations_gb": activations and round(activations, 2),
             "total_gb": round(total, 2), "basis": basis}
@@ -243,7 +234,7 @@ def pruned(source: dict, ratio: float) -> dict:
 
 def count_prompts(config: PromptsConfig) -> dict:
     """How many prompts, and about how long: local sources are read; hub sources are not fetched."""
-    from .core.prompts import collect_prompts
+    from .core.prompts import collect_prompts  # reads prompt files: only when a plan is asked for
 
     local = [s for s in config.sources if s.hub is None]
     hub = [s for s in config.sources if s.hub is not None]

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from .cache.index import INDEX_NAME, dropped_summary, open_cache
+from .core.layout import RunLayout
+from .core.results import results_grid
+from .core.steps import training_stages
 from .errors import DadpoError, InputError
-from .manifest import effective_betas
-from .eval.results import cell
+from .losses import effective_betas
 
-STAGES = ("sft", "ddpo", "dadpo", "rdpo")  # pipeline order
-MODEL_ORDER = ("student", "reference", "sft", "ddpo", "dadpo", "rdpo")  # then baselines, then the teacher
 COLUMNS = [  # (title, suite, metric) that lead the results table
     ("MT-Bench", "mtbench", "overall"), ("AlpacaEval win %", "alpacaeval", "win_rate"),
     ("AlpacaEval LC %", "alpacaeval", "length_controlled_winrate"),
@@ -42,20 +42,22 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
        "code{background:#f4f4f4;padding:0 .2em}")
 
 
-def write_report(run_dir: Path, out: Path | None = None, eval_run: str | None = None) -> dict:
-    """Write PNGs + report.md + report.html into out (default RUN_DIR/report); return {"files": [...], "missing": [...]}."""
-    run_dir = Path(run_dir).expanduser().resolve()
-    if not run_dir.is_dir() or not any((run_dir / part).is_dir() for part in ("cache", "train", "eval")):
+def write_report(run: RunLayout | Path, out: Path | None = None, eval_run: str | None = None) -> dict:
+    """Write PNGs + report.md + report.html into out (default: the run's report folder); return
+    {"files": [...], "missing": [...]}. `run` is a manifest's layout, or a run folder in the default one."""
+    layout = run if isinstance(run, RunLayout) else RunLayout.in_folder(run)
+    run_dir = layout.root
+    if not any(part.is_dir() for part in (layout.cache, layout.train, layout.eval)):
         raise InputError(f"{run_dir} is not a pipeline run folder (no cache/, train/ or eval/ in it) — give the "
-                         "folder that `dadpo-offline run` filled, e.g. runs/demo")
-    out = Path(out).expanduser().resolve() if out else run_dir / "report"
+                         "folder that `dadpo-offline run` filled, e.g. runs/demo, or the run's manifest")
+    out = Path(out).expanduser().resolve() if out else layout.report
     out.mkdir(parents=True, exist_ok=True)
     for name in PLOTS:  # a plot this run cannot draw must not survive from an earlier report
         (out / name).unlink(missing_ok=True)
     missing = []
-    stages = read_stages(run_dir / "train", missing)
-    margins = read_margins(run_dir / "cache", missing)
-    run_id, ev_dir, rows, summary = read_eval(run_dir / "eval", eval_run, missing)
+    stages = read_stages(layout.train, missing)
+    margins = read_margins(layout.cache, missing)
+    run_id, ev_dir, rows, summary = read_eval(layout.eval, eval_run, missing)
     names = ordered_models(rows, summary)
     plots = {}
     if stages:
@@ -85,7 +87,7 @@ def write_report(run_dir: Path, out: Path | None = None, eval_run: str | None = 
 def read_stages(train: Path, missing: list[str]) -> dict[str, dict]:
     """Per stage folder: the logged steps (entries with a loss) and run.json's settings."""
     stages = {}
-    for stage in STAGES:
+    for stage in training_stages():
         folder = train / stage
         if not folder.is_dir():
             continue
@@ -98,7 +100,7 @@ def read_stages(train: Path, missing: list[str]) -> dict[str, dict]:
             missing.append(f"train/{stage}: no readable run.json (settings and betas unknown)")
         stages[stage] = {"log": [h for h in state["log_history"] if "loss" in h and "step" in h],
                          "settings": settings or {}}
-    if not any((train / stage).is_dir() for stage in STAGES):
+    if not any((train / stage).is_dir() for stage in training_stages()):
         missing.append("training curves: no train/<stage>/trainer_state.json — run: dadpo-offline train MANIFEST --stage sft")
     return stages
 
@@ -169,11 +171,12 @@ def run_order(name: str) -> tuple:
 
 
 def ordered_models(rows: list[dict], summary: dict) -> list[str]:
-    """student → reference → sft → ddpo → dadpo → rdpo → baselines → teacher, only those with results."""
+    """student → reference → sft → the losses in registry order → baselines → teacher, only those with results."""
     found = dict.fromkeys(list(summary.get("models") or {}) + [r["model"] for r in rows])
     present = [m for m in found if any(r["model"] == m for r in rows)]
-    rest = [m for m in present if m not in MODEL_ORDER and m != "teacher"]
-    return [m for m in MODEL_ORDER if m in present] + rest + (["teacher"] if "teacher" in present else [])
+    order = ["student", "reference", *training_stages()]
+    rest = [m for m in present if m not in order and m != "teacher"]
+    return [m for m in order if m in present] + rest + (["teacher"] if "teacher" in present else [])
 
 
 
@@ -245,18 +248,13 @@ def plot_categories(rows: list[dict], names: list[str], categories: list[str], p
 def results_blocks(run_id, ev_dir, out: Path, rows, names, summary, plots) -> list:
     if not rows:
         return []
-    value = {(r["model"], r["suite"], r["metric"]): r for r in rows}
-    columns = [c for c in COLUMNS if any(k[1:] == c[1:] for k in value)]
-    columns += [(f"{s}/{m}", s, m) for s, m in dict.fromkeys((r["suite"], r["metric"]) for r in rows)
-                if s not in OWN_SUITES and (s, m) not in {c[1:] for c in columns}]
-    columns += [(m, "lmeval", m) for m in sorted({r["metric"] for r in rows if r["suite"] == "lmeval"})]
-    table = [[name] + [cell(value.get((name, s, m)), value.get(("student", s, m)) if s == "lmeval" and name != "student"
-                                                    else None) for _, s, m in columns] for name in names]
+    others = [(f"{s}/{m}", s, m) for s, m in dict.fromkeys((r["suite"], r["metric"]) for r in rows) if s not in OWN_SUITES]
+    header, table = results_grid(rows, names, COLUMNS + others)
     judges = sorted({(r["suite"], r["judge"]) for r in rows if r.get("judge")})
     blocks = [("h", 2, f"Results (eval run {run_id})"),
               ("p", "lm-eval cells show the delta vs the student in parentheses (the alignment tax). "
                     f"Per-suite detail: `{os.path.relpath(ev_dir / 'report.md', out)}`."),
-              ("table", ["model"] + [c[0] for c in columns], table)]
+              ("table", header, table)]
     if judges:
         blocks += [("p", "Judges (scores from different judges are not comparable):"),
                    ("ul", [f"{suite}: `{judge}`" for suite, judge in judges])]

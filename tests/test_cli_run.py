@@ -1,6 +1,7 @@
 """`dadpo-offline run`: the whole pipeline, shortened (prune → … → report), a no-op rerun, and --dry-run."""
 import json
 import re
+from pathlib import Path
 
 from conftest import write_manifest
 from test_cli_precompute import invoke
@@ -16,6 +17,7 @@ def pipeline_manifest(tmp_path, prompts_file, judge_server):
                           shard_size=3, max_tokens=12, backend="transformers")
     path.write_text(path.read_text() + f"""\
 prune: {{source: embedded:smollm2-135m-instruct, ratio: 0.2, calibration_prompts: 2}}
+sft: {{batch_size: 2, micro_batch_size: 2, save_steps: 1, report_to: []}}
 train: {{batch_size: 2, micro_batch_size: 2, learning_rate: 1.0e-5, save_steps: 1, report_to: [], step0_pairs: 2}}
 eval:
   suites: [winrate, likelihood]
@@ -61,3 +63,20 @@ def test_run_dry_run_plans_every_step_without_models(tmp_path, prompts_file):
     for stage in ("prune", "generate-student", "train-sft", "score-reference", "train-dadpo", "train-ddpo", "eval", "report"):
         assert stage in result.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_run_with_a_bad_batch_size_fails_before_any_work(tmp_path):
+    """Settings the manifest alone shows wrong fail its load: no prune, no cache, no phase one spent first."""
+    import shutil
+    import time
+
+    manifest = tmp_path / "manifests" / "demo.yaml"
+    manifest.parent.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "manifests" / "demo.yaml", manifest)
+    start = time.perf_counter()
+    result = invoke("run", manifest, "--set", "train.batch_size=6", "--set", "sft.micro_batch_size=0")
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "train.batch_size=6 is not a multiple of train.micro_batch_size=4" in result.output
+    assert "sft.micro_batch_size must be >= 1, got 0" in result.output
+    assert not (tmp_path / "runs").exists(), f"work was done before the error ({seconds:.1f} s)"

@@ -9,7 +9,7 @@ from conftest import build_tiny_student
 from dadpo_offline.cli import main
 from test_cli_precompute import snapshot
 
-QUIET = ["--set", "train.report_to=[]"]
+QUIET = ["--set", "train.report_to=[]", "--set", "sft.report_to=[]"]
 
 
 def invoke(*args):
@@ -77,7 +77,7 @@ def test_sft_output_is_a_model_directory_with_card_and_template(sft_dir):
     assert model.config.vocab_size == len(tok)
     assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     card = (sft_dir / "README.md").read_text()
-    assert "examples: 12" in card and "sft_learning_rate" in card
+    assert "examples: 12" in card and "sft.learning_rate" in card
     assert (sft_dir / "manifest.yaml").is_file()
 
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dadpo_offline.manifest import effective_betas
-from dadpo_offline.train.losses import LOSSES, dadpo, mixed_reference
+from dadpo_offline.losses import LOSSES, dadpo, effective_betas, mixed_reference
 
 # policy, reference, teacher log-probs of chosen (w) and rejected (l) for one pair
 ONE = dict(policy_chosen=torch.tensor([-10.0]), policy_rejected=torch.tensor([-12.0]),
@@ -100,3 +99,55 @@ def test_float32_inputs_are_computed_in_float64():
     big = {k: torch.tensor([v.item() - 1000.0], dtype=torch.float32) for k, v in ONE.items()}
     assert dadpo(**big, beta1=0.1, beta2=0.01).z.dtype == torch.float64
     assert dadpo(**big, beta1=0.1, beta2=0.01).z.item() == pytest.approx(0.07, abs=1e-9)
+
+
+VARIANT = '''
+from dadpo_offline.losses import register, sigmoid
+
+@register("cdadpo", uses=("beta1", "beta2"), summary="daDPO with label smoothing ε", params={"epsilon": 0.1},
+          check=lambda epsilon: [] if 0 <= epsilon < 0.5 else [f"epsilon must be in [0, 0.5), got {epsilon}"])
+def smoothed(z, epsilon):
+    return (1 - epsilon) * sigmoid(z) + epsilon * sigmoid(-z)
+'''
+
+
+@pytest.fixture
+def variant():
+    """The README's example variant, registered for one test and removed after it."""
+    exec(VARIANT, {})
+    yield LOSSES["cdadpo"]
+    LOSSES.pop("cdadpo")
+
+
+def test_a_new_loss_is_one_registered_function(variant, tmp_path):
+    """Registering is all it takes: the manifest checks its name and parameters, run trains it, the plan
+    and eval list it, training computes it. By hand with ε = 0.2 and z = 0.07 (the pair above):
+    0.8·log(1 + e^−0.07) + 0.2·log(1 + e^0.07) = 0.8·0.65876 + 0.2·0.72876 = 0.67276."""
+    import subprocess
+    import sys
+
+    from dadpo_offline.core.steps import pipeline_steps, training_stages
+    from dadpo_offline.errors import ManifestError
+    from dadpo_offline.manifest import load_manifest
+
+    m = load_manifest(None, ["train.compare=[cdadpo]", "train.loss_params={cdadpo: {epsilon: 0.2}}"])
+    assert [s.name for s in pipeline_steps(m)][3:5] == ["dadpo", "cdadpo"] and "cdadpo" in training_stages()
+    out = variant(**ONE, beta1=0.1, beta2=0.01, **m.train.loss_params["cdadpo"])
+    assert out.losses.item() == pytest.approx(0.8 * math.log1p(math.exp(-0.07)) + 0.2 * math.log1p(math.exp(0.07)))
+    assert out.losses.item() == pytest.approx(0.67276, abs=1e-5)
+    assert variant(**ONE, beta1=0.1, beta2=0.01, epsilon=0.0).losses.item() == pytest.approx(0.65876, abs=1e-5)
+    with pytest.raises(ManifestError) as error:
+        load_manifest(None, ["train.loss=cdadpo", "train.loss_params={cdadpo: {epsilon: 0.7}, ddpo: {tau: 1}}"])
+    assert "train.loss_params.cdadpo: epsilon must be in [0, 0.5), got 0.7" in str(error.value)
+    assert "train.loss_params.ddpo: unknown tau (its parameters: none)" in str(error.value)
+    shown = subprocess.run([sys.executable, "-c", VARIANT + "from dadpo_offline.cli import main\nmain(['train', '-h'])"],
+                           capture_output=True, text=True)
+    assert "cdadpo" in shown.stdout, shown.stderr[-2000:]
+
+
+def test_manifest_names_a_loss_the_registry_does_not_know():
+    from dadpo_offline.errors import ManifestError
+    from dadpo_offline.manifest import load_manifest
+
+    with pytest.raises(ManifestError, match=r"train.compare: 'ipo' is not one of 'dadpo', 'ddpo', 'rdpo'"):
+        load_manifest(None, ["train.compare=[ipo]"])

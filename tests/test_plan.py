@@ -195,13 +195,20 @@ def test_model_counts_come_from_a_local_config_the_hf_cache_or_the_name(tmp_path
 
 
 def test_plan_reports_every_problem_at_once(tmp_path, no_models):
+    """What the manifest alone shows fails its load (before any plan or run); the plan adds what the disk shows."""
+    bad = "train: {batch_size: 6, micro_batch_size: 4}\nsft: {batch_size: 6, micro_batch_size: 4}\n"
+    with pytest.raises(ManifestError) as error:
+        load_manifest(write(tmp_path, bad))
+    message = str(error.value)
+    for expected in ("train.batch_size=6", "sft.batch_size=6"):
+        assert expected in message
     path = write(tmp_path, "teacher: {model: ./no-such-folder}\nstudent: {model: someone/student}\n"
                            "prune: {source: embedded:smollm2-135m-instruct}\n"
-                           "prompts: {sources: [{jsonl: missing.jsonl}]}\ntrain: {batch_size: 6, micro_batch_size: 4}\n")
+                           "prompts: {sources: [{jsonl: missing.jsonl}]}\n")
     with pytest.raises(ManifestError) as error:
         plan(load_manifest(path))
     message = str(error.value)
-    for expected in ("no-such-folder", "student.model 'someone/student'", "missing.jsonl", "train.batch_size=6"):
+    for expected in ("no-such-folder", "student.model 'someone/student'", "missing.jsonl"):
         assert expected in message
 
 

@@ -223,3 +223,25 @@ def test_cli_report_rejects_a_folder_that_is_not_a_run(tmp_path, kind):
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert "is not a pipeline run folder" in result.output
+
+
+def test_report_of_a_manifest_finds_train_and_eval_output_dirs_elsewhere(run_dir, tmp_path):
+    """train.output_dir and eval.output_dir move those parts out of the run folder: the run's manifest
+    leads the report to them, where the run folder alone cannot."""
+    import shutil
+
+    moved = tmp_path / "scratch"
+    shutil.copytree(run_dir / "train", moved / "train")
+    shutil.copytree(run_dir / "eval", moved / "eval")
+    shutil.copytree(run_dir / "cache", tmp_path / "run" / "cache")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"cache_dir: run/cache\ntrain: {{output_dir: {moved / 'train'}}}\n"
+                        f"eval: {{output_dir: {moved / 'eval'}}}\n", encoding="utf-8")
+    alone = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert alone.exit_code == 0 and "missing: training curves" in alone.stderr and "missing: eval:" in alone.stderr
+    result = CliRunner().invoke(main, ["report", str(manifest)])
+    assert result.exit_code == 0, result.output
+    assert "missing:" not in result.stderr
+    assert result.stdout == f"{tmp_path / 'run' / 'report' / 'report.md'}\n"
+    md = (tmp_path / "run" / "report" / "report.md").read_text(encoding="utf-8")
+    assert table_line(md, "dadpo") and "## Training" in md

@@ -218,9 +218,9 @@ KILLER = textwrap.dedent("""
     train(load_manifest(manifest, overrides), callbacks=callbacks, quiet=True)
 """)
 
-RESUME_SETTINGS = ["train.report_to=[]", "train.learning_rate=0.001", "train.sft_learning_rate=0.001",
-                   "train.warmup_ratio=0.25", "train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=6",
-                   "train.save_steps=2", "train.save_total_limit=5", "train.step0_pairs=2", "train.logging_steps=5"]
+RESUME_SETTINGS = [f"{stage}.{setting}" for stage in ("sft", "train") for setting in (
+    "report_to=[]", "learning_rate=0.001", "warmup_ratio=0.25", "batch_size=4", "micro_batch_size=2", "max_steps=6",
+    "save_steps=2", "save_total_limit=5", "logging_steps=5")] + ["train.step0_pairs=2"]
 
 
 @pytest.fixture(scope="module")

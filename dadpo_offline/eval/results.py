@@ -9,6 +9,7 @@ import pyarrow as pa
 from ..cache.index import CacheIndex
 from ..cache.schema import EVAL_RESULTS
 from ..cache.shards import shard_path, write_shard
+from ..core.results import cell, results_grid
 from ..files import atomic_text
 
 HEADLINE = [  # (column title, suite, metric) in the comparison table
@@ -36,43 +37,22 @@ def save_results(cache: CacheIndex, run_dir: Path, run_id: str, rows: list[dict]
 
 def markdown_report(run_id: str, models: dict[str, str], judge: str | None, rows: list[dict]) -> str:
     """Models side by side: headline scores, win rate vs teacher, lm-eval with deltas vs the student."""
-    value = {(r["model"], r["suite"], r["metric"]): r for r in rows}
     names = list(models)
     lines = [f"# Eval {run_id}", "", f"Judge: `{judge}` (scores from different judges are not comparable)." if judge
              else "No judge used.", "", "| model | weights |", "|---|---|"]
     lines += [f"| {name} | `{ref}` |" for name, ref in models.items()]
-    columns = [c for c in HEADLINE if any((n, c[1], c[2]) in value for n in names)]
     winrate = sorted({r["metric"] for r in rows if r["suite"] == "winrate" and r["metric"].startswith("score_vs_")})
-    columns += [(f"(W+0.5T)/N {m.removeprefix('score_vs_')} [95% CI]", "winrate", m) for m in winrate]
-    tasks = sorted({r["metric"] for r in rows if r["suite"] == "lmeval"})
-    columns += [(t, "lmeval", t) for t in tasks]
-    if columns:
-        lines += ["", "## Results", "", "| model | " + " | ".join(c[0] for c in columns) + " |",
-                  "|---|" + "---|" * len(columns)]
-        for name in names:
-            cells = []
-            for _, suite, metric in columns:
-                row = value.get((name, suite, metric))
-                cells.append(cell(row, value.get(("student", suite, metric)) if suite == "lmeval" and name != "student"
-                                  else None))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lead = HEADLINE + [(f"(W+0.5T)/N {m.removeprefix('score_vs_')} [95% CI]", "winrate", m) for m in winrate]
+    header, body = results_grid(rows, names, lead)
+    if len(header) > 1:
+        lines += ["", "## Results", "", "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
     lines += winrate_section(rows) + mtbench_section(rows, names)
     misses = [r for r in rows if r["metric"].startswith("unparsed") and r["value"]]
     if misses:
         lines += ["", "Judge replies without a readable verdict (counted, not scored): "
                   + ", ".join(f"{r['suite']}/{r['model']} {int(r['value'])}" for r in misses) + "."]
     return "\n".join(lines) + "\n"
-
-
-def cell(row: dict | None, baseline: dict | None = None) -> str:
-    if row is None or row["value"] is None:
-        return "–"
-    text = f"{row['value']:.3f}" if abs(row["value"]) < 10 else f"{row['value']:.1f}"
-    if row.get("ci_low") is not None:
-        text += f" [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
-    if baseline is not None and baseline["value"] is not None:
-        text += f" ({row['value'] - baseline['value']:+.3f})"
-    return text
 
 
 def winrate_section(rows: list[dict]) -> list[str]:

@@ -19,8 +19,9 @@ from ..errors import InputError
 from ..manifest import EvalConfig, JudgeConfig, Manifest, ModelConfig, write_resolved
 from ..core.models import resolve_model
 from ..core.engines import pick_backend
+from ..core.layout import RunLayout
 from ..core.roles import Engines, model_role
-from ..train.runs import stage_dir
+from ..core.steps import training_stages
 from . import mtbench, winrate
 from .answers import Question, generate_answers
 from .judge import Judge, judged
@@ -29,7 +30,6 @@ from .results import markdown_report, save_results
 from .serve import served_judge
 
 JUDGED = ("mtbench", "alpacaeval", "winrate")
-TRAINED = ("sft", "dadpo", "ddpo", "rdpo")  # train output folders, evaluated when they hold a final model
 
 
 @dataclass
@@ -43,10 +43,11 @@ class EvalRun:
 def eval_models(manifest: Manifest, extra: dict[str, str], only: list[str] | None) -> dict[str, ModelConfig]:
     """teacher, student, reference, trained outputs found on disk, eval.models, then --model flags."""
     models = {"teacher": manifest.teacher, "student": manifest.student}
-    if manifest.reference is not None and manifest.reference.model != str(stage_dir(manifest, "sft")):
+    layout = RunLayout.of(manifest)
+    if manifest.reference is not None and manifest.reference.model != str(layout.stage("sft")):
         models["reference"] = manifest.reference  # (the dSFT output is listed below as "sft")
-    for stage in TRAINED:
-        folder = stage_dir(manifest, stage)
+    for stage in training_stages():  # evaluated when the folder holds a final model
+        folder = layout.stage(stage)
         if (folder / "config.json").is_file():
             models[stage] = ModelConfig(model=str(folder), dtype=manifest.student.dtype,
                                         end_of_turn=manifest.student.end_of_turn)
@@ -80,7 +81,7 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
 
         instructions = load_instructions(e.alpacaeval)
     # 2. One folder per run.
-    base = Path(output_dir or e.output_dir or Path(manifest.cache_dir).parent / "eval").expanduser().resolve()
+    base = Path(output_dir).expanduser().resolve() if output_dir else RunLayout.of(manifest).eval
     run_id, run_dir = new_run_dir(base)
     write_resolved(manifest, run_dir / "manifest.yaml")
     cache = open_cache(manifest.cache_dir, create=True)

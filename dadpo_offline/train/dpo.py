@@ -1,6 +1,6 @@
 """`dadpo-offline train --stage dadpo`: daDPO / dDPO / rDPO from the cache, only the policy in memory.
 
-Recipe: check settings → read pairs from the cache → load the policy (the dSFT reference by
+Recipe: read pairs from the cache → load the policy (the dSFT reference by
 default) → step-0 check against the cached reference log-probs → Trainer loop (resuming from
 the newest checkpoint) → save model, tokenizer, manifest and model card.
 
@@ -18,16 +18,17 @@ import time
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from ..errors import TrainError
-from ..manifest import Manifest, effective_betas
+from ..cache.index import open_cache
+from ..core.layout import RunLayout
 from ..core.models import resolve_model
+from ..errors import TrainError
+from ..losses import LOSSES
+from ..manifest import Manifest
 from .check import step0_check
 from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
-from .losses import LOSSES
-from ..cache.index import open_cache
-from .runs import (SFT_ONLY, CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
-                   save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
+from .runs import (CheckpointCare, finished_run, load_causal_lm, resume_checkpoint, run_identity, save_final,
+                   card_settings, training_arguments, whole_run_loss)
 
 METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/chosen", "rewards/rejected",
            "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"]
@@ -36,11 +37,12 @@ METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/
 class DadpoTrainer(Trainer):
     """Trainer whose loss is a registered preference loss of cached and policy log-probs."""
 
-    def __init__(self, *args, anchors: torch.Tensor, loss_name: str, beta1: float, beta2: float, **kwargs):
+    def __init__(self, *args, anchors: torch.Tensor, loss_name: str, beta1: float, beta2: float,
+                 loss_params: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.anchors = anchors  # [pairs, 4] float64, `data.ANCHORS` order; moved to the loss's device once
         self.loss_fn = LOSSES[loss_name]
-        self.beta1, self.beta2 = beta1, beta2
+        self.beta1, self.beta2, self.loss_params = beta1, beta2, loss_params or {}
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self._sums = None  # on the loss's device: metrics, pair count, tokens; read only when logging (no syncs)
         self._clock = time.perf_counter()
@@ -58,7 +60,7 @@ class DadpoTrainer(Trainer):
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected, teacher_chosen, teacher_rejected = self.anchors_for(inputs).unbind(-1)
         out = self.loss_fn(chosen, rejected, ref_chosen, ref_rejected, teacher_chosen, teacher_rejected,
-                           self.beta1, self.beta2)
+                           self.beta1, self.beta2, **self.loss_params)
         loss = out.losses.mean()
         if not torch.isfinite(loss):
             rows = inputs["pair_index"].tolist()
@@ -140,13 +142,12 @@ class EchoLogs(TrainerCallback):
 
 def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
     t = manifest.train
-    check_config(t)
-    beta1, beta2 = effective_betas(t.loss, t.beta1, t.beta2)
-    output = stage_dir(manifest, t.loss)
+    beta1, beta2 = LOSSES[t.loss].betas(t.beta1, t.beta2)
+    output = RunLayout.of(manifest).stage(t.loss)
     init = t.init_model or manifest.reference_model.model
     revision = None if t.init_model else manifest.reference_model.revision
     data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
-    identity = run_identity(t.loss, data, resolve_model(init, revision), t, ignore=SFT_ONLY)
+    identity = run_identity(t.loss, data, resolve_model(init, revision), t)
     done = finished_run(output, identity, t, "rewards/margins")
     if done:
         return done | {"step0": None}
@@ -158,9 +159,10 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
         raise TrainError(f"cached token id {top} is outside {init}'s vocabulary ({vocab}): the cache was "
                          "built for another student — check the manifest's student and reference")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    args = training_arguments(t, output, t.learning_rate, t.epochs)
+    args = training_arguments(t, output, "train")
     trainer = DadpoTrainer(model=model, args=args, train_dataset=RowDataset(pairs), data_collator=PairCollator(pad_id),
                            processing_class=tokenizer, anchors=pairs.anchors(), loss_name=t.loss, beta1=beta1, beta2=beta2,
+                           loss_params=t.loss_params.get(t.loss),
                            callbacks=[FiniteGradients(), CheckpointCare()] + ([] if quiet else [EchoLogs()])
                            + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
@@ -175,8 +177,8 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
             "summary": f"{t.loss} (beta1={beta1}, beta2={beta2}) on {len(pairs)} cached pairs; chosen = teacher "
                        "responses, rejected = student responses; reference and teacher log-probs read from the cache.",
             "data": {"cache_dir": manifest.cache_dir, "pairs": len(pairs), "split": "train"},
-            "settings": settings_dict(t), "metrics": history[-1] if history else {}}
-    save_final(trainer, tokenizer, manifest, output, card, train_loss)
+            "settings": card_settings("train", t), "metrics": history[-1] if history else {}}
+    save_final(trainer, tokenizer, manifest, t, output, card, train_loss)
     return {"output_dir": str(output), "steps": trainer.state.global_step, "pairs": len(pairs),
             "train_loss": train_loss, "resumed_from": resume_from,
             "step0": report.__dict__ if report else None, "history": history}

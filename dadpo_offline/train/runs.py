@@ -21,35 +21,8 @@ from transformers import TrainerCallback
 
 from ..errors import ModelError, TrainError
 from ..files import apply_umask
-from ..manifest import Manifest, TrainConfig, write_resolved
+from ..manifest import Manifest, TrainerConfig, write_resolved
 from ..core.models import ResolvedModel, resolve_model
-
-
-def stage_dir(manifest: Manifest, stage: str) -> Path:
-    base = Path(manifest.train.output_dir) if manifest.train.output_dir else Path(manifest.cache_dir).parent / "train"
-    return base.expanduser().resolve() / stage
-
-
-def check_config(t: TrainConfig) -> None:
-    """Report every bad training setting at once."""
-    problems = []
-    for key in ("batch_size", "micro_batch_size", "epochs", "save_steps", "logging_steps", "sft_epochs"):
-        if getattr(t, key) < 1:
-            problems.append(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("beta1", "beta2", "weight_decay", "max_grad_norm", "step0_max_token_gap", "step0_pairs"):
-        if getattr(t, key) is not None and getattr(t, key) < 0:
-            problems.append(f"train.{key} must be >= 0, got {getattr(t, key)}")
-    for key in ("learning_rate", "sft_learning_rate"):
-        if not getattr(t, key) > 0:
-            problems.append(f"train.{key} must be > 0, got {getattr(t, key)}")
-    if not 0 <= t.warmup_ratio < 1:
-        problems.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    used = {"dadpo": t.beta1 + t.beta2, "ddpo": t.beta1, "rdpo": t.beta2}[t.loss]
-    if used <= 0:
-        problems.append(f"train.loss={t.loss} needs a positive " + {"dadpo": "beta1 or beta2", "ddpo": "beta1",
-                                                                    "rdpo": "beta2"}[t.loss])
-    if problems:
-        raise TrainError("bad training settings: " + "; ".join(problems))
 
 
 def world_size() -> int:
@@ -57,17 +30,17 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def training_arguments(t: TrainConfig, output: Path, learning_rate: float, epochs: int):
+def training_arguments(t: TrainerConfig, output: Path, section: str):
     from transformers import TrainingArguments
 
     micro = min(t.micro_batch_size, t.batch_size)
     per_step = micro * world_size()
     if t.batch_size % per_step:
-        raise TrainError(f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x GPUs = {per_step}")
+        raise TrainError(f"{section}.batch_size={t.batch_size} is not a multiple of micro_batch_size x GPUs = {per_step}")
     bf16 = t.bf16 if t.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return TrainingArguments(
         output_dir=str(output), per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // per_step,
-        learning_rate=learning_rate, num_train_epochs=epochs, max_steps=t.max_steps, lr_scheduler_type=t.lr_scheduler,
+        learning_rate=t.learning_rate, num_train_epochs=t.epochs, max_steps=t.max_steps, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed,
         data_seed=t.seed, bf16=bf16, gradient_checkpointing=t.gradient_checkpointing,
@@ -91,18 +64,14 @@ def load_causal_lm(reference: str, revision: str | None = None):
     return lm, tokenizer, model
 
 
-# Settings (name prefixes) that only one of the two stages reads: not part of the other's identity.
-DPO_ONLY = ("beta", "loss", "step0", "init_model", "learning_rate", "epochs")
-SFT_ONLY = ("sft_",)
 # Settings that do not change what a finished run computes: a resumed run may differ in them.
 RESUME_NEUTRAL = {"resume", "max_steps", "output_dir", "save_steps", "save_total_limit", "logging_steps", "report_to",
                   "step0_pairs", "step0_max_token_gap", "compare"}
 
 
-def run_identity(stage: str, data_fingerprint: str, start_model: ResolvedModel, t: TrainConfig,
-                 ignore: tuple = ()) -> dict:
-    """What a checkpoint's run was made from: stage, cache data, starting weights, training settings."""
-    settings = {k: v for k, v in settings_dict(t).items() if k not in RESUME_NEUTRAL and not k.startswith(ignore)}
+def run_identity(stage: str, data_fingerprint: str, start_model: ResolvedModel, t: TrainerConfig) -> dict:
+    """What a checkpoint's run was made from: stage, cache data, starting weights, the stage's own settings."""
+    settings = {k: v for k, v in settings_dict(t).items() if k not in RESUME_NEUTRAL}
     return {"stage": stage, "data": data_fingerprint, "start_model": start_model.portable_name,
             "start_revision": start_model.revision, **settings}
 
@@ -184,7 +153,7 @@ def whole_run_loss(state, training_loss: float, resumed_from: str | None) -> flo
     return (before + training_loss * after) / max(logged + after, 1)
 
 
-def finished_run(output: Path, identity: dict, t: TrainConfig, history_key: str) -> dict | None:
+def finished_run(output: Path, identity: dict, t: TrainerConfig, history_key: str) -> dict | None:
     """The summary of a finished run with exactly these settings, so that rerunning it is a no-op.
 
     A run is finished once save_final wrote trainer_state.json (with the max_steps it was asked
@@ -205,11 +174,12 @@ def finished_run(output: Path, identity: dict, t: TrainConfig, history_key: str)
     return None
 
 
-def save_final(trainer, tokenizer, manifest: Manifest, output: Path, card: dict, train_loss: float) -> None:
+def save_final(trainer, tokenizer, manifest: Manifest, t: TrainerConfig, output: Path, card: dict,
+               train_loss: float) -> None:
     """Model + tokenizer (with chat template) + training log + resolved manifest + model card, in the stage folder."""
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
-        state = dataclasses.asdict(trainer.state) | {"requested_max_steps": manifest.train.max_steps,
+        state = dataclasses.asdict(trainer.state) | {"requested_max_steps": t.max_steps,
                                                      "train_loss": train_loss}
         (output / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")  # `report` plots it
         tokenizer.save_pretrained(str(output))
@@ -228,5 +198,10 @@ def write_card(output: Path, card: dict) -> None:
     (output / "README.md").write_text("\n".join(lines), encoding="utf-8")
 
 
-def settings_dict(t: TrainConfig) -> dict:
+def settings_dict(t: TrainerConfig) -> dict:
     return dataclasses.asdict(t)
+
+
+def card_settings(section: str, t: TrainerConfig) -> dict:
+    """A stage's settings under their manifest keys (sft.learning_rate), ready to pass back as --set."""
+    return {f"{section}.{key}": value for key, value in settings_dict(t).items()}

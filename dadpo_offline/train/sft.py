@@ -4,7 +4,7 @@ The result is the reference π_ref of daDPO and its starting point. Loss: mean t
 cross-entropy on response tokens only (prompt and padding labelled −100), in the student's own
 chat template, on token ids from the cache (see `data.load_sft_examples`).
 
-Recipe: check settings → read teacher responses → load the student → Trainer loop (resuming
+Recipe: read teacher responses → load the student → Trainer loop (resuming
 from the newest checkpoint) → save a Hugging Face model directory with tokenizer, chat template,
 resolved manifest and model card. Next: point the manifest's `reference:` at it and rescore.
 """
@@ -12,23 +12,23 @@ from __future__ import annotations
 
 from transformers import PrinterCallback, Trainer
 
-from ..manifest import Manifest
-from ..core.models import resolve_model
+from ..cache.index import open_cache
 from ..core.chat import load_chat_format
+from ..core.layout import RunLayout
+from ..core.models import resolve_model
+from ..manifest import Manifest
 from .data import RowDataset, SftCollator, load_sft_examples
 from .dpo import EchoLogs, FiniteGradients
-from ..cache.index import open_cache
-from .runs import (DPO_ONLY, CheckpointCare, check_config, finished_run, load_causal_lm, resume_checkpoint, run_identity,
-                   save_final, settings_dict, stage_dir, training_arguments, whole_run_loss)
+from .runs import (CheckpointCare, finished_run, load_causal_lm, resume_checkpoint, run_identity, save_final,
+                   card_settings, training_arguments, whole_run_loss)
 
 
 def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
-    t = manifest.train
-    check_config(t)
-    output = stage_dir(manifest, "sft")
+    t = manifest.sft
+    output = RunLayout.of(manifest).stage("sft")
     data = open_cache(manifest.cache_dir).ready_fingerprint("generate-teacher", "generate")
     student = resolve_model(manifest.student.model, manifest.student.revision)
-    identity = run_identity("sft", data, student, t, ignore=DPO_ONLY)
+    identity = run_identity("sft", data, student, t)
     done = finished_run(output, identity, t, "loss")
     if done:
         return done
@@ -37,7 +37,7 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
     model, tokenizer, _ = load_causal_lm(manifest.student.model, manifest.student.revision)
     tokenizer.chat_template = fmt.tokenizer.chat_template  # saved with the model: the reference needs its template
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.end_of_turn_id
-    args = training_arguments(t, output, t.sft_learning_rate, t.sft_epochs)
+    args = training_arguments(t, output, "sft")
     trainer = Trainer(model=model, args=args, train_dataset=RowDataset(examples), data_collator=SftCollator(pad_id),
                       processing_class=tokenizer,
                       callbacks=[FiniteGradients(), CheckpointCare()] + ([] if quiet else [EchoLogs()]) + list(callbacks or []))
@@ -53,8 +53,8 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
                        "then rescore: dadpo-offline precompute MANIFEST --stage score.",
             "data": {"cache_dir": manifest.cache_dir, "teacher": manifest.teacher.model, "examples": len(examples),
                      "response_tokens": tokens, "split": "train"},
-            "settings": {k: v for k, v in settings_dict(t).items() if not k.startswith(("beta", "step0", "loss"))},
+            "settings": card_settings("sft", t),
             "metrics": history[-1] if history else {}}
-    save_final(trainer, tokenizer, manifest, output, card, train_loss)
+    save_final(trainer, tokenizer, manifest, t, output, card, train_loss)
     return {"output_dir": str(output), "steps": trainer.state.global_step, "examples": len(examples),
             "train_loss": train_loss, "resumed_from": resume_from, "history": history}
