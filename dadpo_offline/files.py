@@ -9,6 +9,8 @@ given the umask's mode throughout, as `cp` or `touch` would have made it.
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -28,12 +30,19 @@ def apply_umask(folder: str | Path) -> None:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def atomic_text(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a reader sees the whole file or none."""
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary name beside `path` to write; renamed over `path` when the block ends, removed when it
+    fails: a reader sees the whole file or none. The name (`*.tmp-HOST-PID`) tells whose leftover it is."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    temp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
-        temp.write_text(text, encoding="utf-8")
+        yield temp
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    with atomic_path(path) as temp:
+        temp.write_text(text, encoding="utf-8")

@@ -6,7 +6,6 @@ problem at once (unknown keys, wrong types, bad combinations) in one error namin
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import DadpoError, ManifestError
+from .files import atomic_text
 
 
 @dataclass(frozen=True)
@@ -392,12 +392,8 @@ def manifest_dict(manifest: Manifest) -> dict:
 
 def write_resolved(manifest: Manifest, path: Path) -> None:
     """Save the fully resolved manifest beside an output, so every result says how it was made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = "# resolved manifest written by dadpo-offline: every default and override applied\n"
-    temp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        temp.write_text(header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False), encoding="utf-8")
-        os.replace(temp, path)  # concurrent --shard jobs may write it at the same moment
+    try:  # atomic: concurrent --shard jobs may write it at the same moment
+        atomic_text(path, header + yaml.safe_dump(manifest_dict(manifest), sort_keys=False))
     except OSError as exc:  # a full disk: no temp file left behind
-        temp.unlink(missing_ok=True)
         raise DadpoError(f"cannot write {path}: {exc.strerror or exc}") from exc

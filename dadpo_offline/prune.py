@@ -18,7 +18,7 @@ from .errors import InputError, ModelError
 from .files import apply_umask
 from .core.models import resolve_model
 from .core.chat import load_chat_format
-from .core.engines import cuda_available, resolve_dtype
+from .core.engines import resolve_dtype, torch_device
 from .core.prompts import builtin_prompts
 
 REPORT = "prune.json"
@@ -46,7 +46,7 @@ def prune_model(source: str, ratio: float, out: Path, calibration_prompts: int =
     from transformers import AutoModelForCausalLM
 
     chat = load_chat_format(model_ref, chat_template=chat_template)  # saved with the pruned model
-    device = "cuda" if cuda_available() else "cpu"
+    device = torch_device()
     tqdm.write(f"loading {source} ({device}) to rank its decoder layers", file=sys.stderr)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError
+from ..files import atomic_path
 
 METADATA_PREFIX = "dadpo."
 
@@ -38,15 +38,13 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, str]) -> ShardF
     existing = table.schema.metadata or {}
     kv = {**existing, **{f"{METADATA_PREFIX}{k}".encode(): str(v).encode() for k, v in metadata.items()}}
     table = table.replace_schema_metadata(kv)
-    temp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
-        pq.write_table(table, temp, compression="zstd")
-        with temp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        with atomic_path(path) as temp:
+            pq.write_table(table, temp, compression="zstd")
+            with temp.open("rb+") as handle:
+                os.fsync(handle.fileno())
         _fsync_dir(path.parent)
     except OSError as exc:  # a full disk, a quota, a read-only mount: no temp file left behind
-        temp.unlink(missing_ok=True)
         raise CacheError(f"cannot write {path}: {exc.strerror or str(exc).splitlines()[0]}") from exc
     return ShardFile(path, table.num_rows, path.stat().st_size, file_sha256(path))
 

