@@ -9,6 +9,7 @@ given the umask's mode throughout, as `cp` or `touch` would have made it.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,3 +47,23 @@ def atomic_path(path: Path):
 def atomic_text(path: Path, text: str) -> None:
     with atomic_path(path) as temp:
         temp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def staged_folder(target: Path):
+    """A sibling folder to fill, renamed to `target` with the user's file mode when the block ends and
+    removed when it fails: `target` appears whole or not at all. An empty `target` is replaced; a
+    filled one (another process finished first, with the same content) is kept and ours dropped."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # same file system
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        apply_umask(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

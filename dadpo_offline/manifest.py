@@ -339,12 +339,31 @@ def _check_combinations(m: Manifest) -> list[str]:
         chosen = [k for k in ("builtin", "jsonl", "hub") if getattr(source, k) is not None]
         if len(chosen) != 1:
             problems.append(f"prompts.sources[{i}]: give exactly one of builtin, jsonl, hub (got {chosen or 'none'})")
-    for key, value in [("engine.shard_size", m.engine.shard_size), ("generate.samples_per_prompt",
-                       m.generate.samples_per_prompt), ("prompts.max_prompt_tokens", m.prompts.max_prompt_tokens),
-                       ("generate.teacher.max_tokens", m.generate.teacher.max_tokens),
-                       ("generate.student.max_tokens", m.generate.student.max_tokens)]:
-        if value < 1:
-            problems.append(f"{key}: must be >= 1, got {value}")
+    e = m.eval
+    at_least_one = [("engine.shard_size", m.engine.shard_size), ("engine.batch_tokens", m.engine.batch_tokens),
+                    ("engine.tensor_parallel_size", m.engine.tensor_parallel_size),
+                    ("generate.samples_per_prompt", m.generate.samples_per_prompt),
+                    ("prompts.max_prompt_tokens", m.prompts.max_prompt_tokens),
+                    ("prune.calibration_prompts", m.prune.calibration_prompts),
+                    ("eval.judge.max_tokens", e.judge.max_tokens), ("eval.judge.concurrency", e.judge.concurrency),
+                    ("eval.mtbench.max_tokens", e.mtbench.max_tokens), ("eval.alpacaeval.max_tokens", e.alpacaeval.max_tokens),
+                    ("eval.winrate.max_tokens", e.winrate.max_tokens), ("eval.lmeval.batch_size", e.lmeval.batch_size)]
+    at_least_one += [(f"generate.{role}.max_tokens", getattr(m.generate, role).max_tokens) for role in ("teacher", "student")]
+    at_least_one += [(f"{key}.limit", limit) for key, limit in [("prompts", m.prompts.limit), ("eval.mtbench", e.mtbench.limit),
+                     ("eval.alpacaeval", e.alpacaeval.limit), ("eval.winrate", e.winrate.limit), ("eval.lmeval", e.lmeval.limit)]
+                     if limit is not None]
+    problems += [f"{key}: must be >= 1, got {value}" for key, value in at_least_one if value < 1]
+    for role in ("teacher", "student"):
+        sampling = getattr(m.generate, role)
+        if sampling.temperature < 0:
+            problems.append(f"generate.{role}.temperature: must be >= 0, got {sampling.temperature}")
+        if not 0 < sampling.top_p <= 1:
+            problems.append(f"generate.{role}.top_p: must be in (0, 1], got {sampling.top_p}")
+    if e.judge.max_retries < 0 or not e.judge.timeout_s > 0:
+        problems.append(f"eval.judge: max_retries must be >= 0 and timeout_s > 0, got {e.judge.max_retries} and "
+                        f"{e.judge.timeout_s}")
+    problems += [f"eval.lmeval.data_files.{task}: {task} is not in eval.lmeval.tasks; add it there with its shot count"
+                 for task in e.lmeval.data_files if task not in e.lmeval.tasks]
     if not 0 < m.prune.ratio < 1:
         problems.append(f"prune.ratio: must be in (0, 1), got {m.prune.ratio}")
     if m.engine.gpu_memory_utilization is not None and not 0 < m.engine.gpu_memory_utilization <= 1:

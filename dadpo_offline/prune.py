@@ -7,15 +7,13 @@ tokenizer, chat template, generation config) plus `prune.json`, atomically.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .errors import InputError, ModelError
-from .files import apply_umask
+from .files import staged_folder
 from .core.models import resolve_model
 from .core.chat import load_chat_format
 from .core.engines import resolve_dtype, torch_device
@@ -69,19 +67,10 @@ def prune_model(source: str, ratio: float, out: Path, calibration_prompts: int =
               "layers_after": n - k, "removed": removed, "scores": {str(i): s for i, s in enumerate(scores)},
               "calibration_prompts": len(prompts), "calibration_tokens": tokens}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.prune-{os.getpid()}")  # a sibling: same file system, so rename is atomic
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staged_folder(out) as staging:
         model.save_pretrained(staging)
         chat.tokenizer.save_pretrained(staging)
         (staging / REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
-        apply_umask(staging)
-        if out.exists():
-            out.rmdir()  # finished_report let only an empty folder through
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     tqdm.write(f"pruned {source}: {n} -> {n - k} layers, removed {removed}; wrote {out}", file=sys.stderr)
     return report
 

@@ -90,3 +90,17 @@ def test_manifest_prompt_files_resolve_against_the_manifest_folder(tmp_path):
 def test_manifest_override_that_is_not_yaml_is_one_problem():
     with pytest.raises(ManifestError, match=r"override name: value '\[' is not valid YAML"):
         load_manifest(None, ["name=["])
+
+
+def test_manifest_checks_every_setting_it_alone_can_show_wrong():
+    """Sampling, eval and prune settings that would fail minutes into a run fail the load, all named at once."""
+    with pytest.raises(ManifestError) as error:
+        load_manifest(None, ["generate.teacher.top_p=0", "generate.student.temperature=-1", "eval.judge.concurrency=0",
+                             "prune.calibration_prompts=0", "eval.winrate.limit=0", "sft.learning_rate=0",
+                             "eval.lmeval.data_files={ifeval: {test: x.jsonl}}"])
+    message = str(error.value)
+    for expected in ("generate.teacher.top_p: must be in (0, 1], got 0", "generate.student.temperature: must be >= 0",
+                     "eval.judge.concurrency: must be >= 1, got 0", "prune.calibration_prompts: must be >= 1, got 0",
+                     "eval.winrate.limit: must be >= 1, got 0", "sft.learning_rate must be > 0, got 0",
+                     "eval.lmeval.data_files.ifeval: ifeval is not in eval.lmeval.tasks"):
+        assert expected in message

@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache.shards import file_sha256
 from ..errors import ModelError
-from ..files import apply_umask, atomic_text
+from ..files import atomic_text, staged_folder
 from ..package_data import SMOLLM2_GGUF, PackageDataMissing, installed_path
 
 EMBEDDED_PREFIX = "embedded:"
@@ -123,23 +122,16 @@ def _convert_gguf(gguf_dir: Path, gguf_name: str, target: Path) -> None:
     """Dequantise a GGUF checkpoint into a plain safetensors Llama directory, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype="float32")
     model.hf_quantizer = None  # the weights are already dequantised floats; save them as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    config_path = staging / "config.json"
-    config = json.loads(config_path.read_text())
-    config.pop("quantization_config", None)
-    config["architectures"] = ["LlamaForCausalLM"]
-    config_path.write_text(json.dumps(config, indent=2))
-    apply_umask(staging)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished first: theirs is as good as ours
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(target) as staging:  # another process converting at the same time: either result serves
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config["architectures"] = ["LlamaForCausalLM"]
+        config_path.write_text(json.dumps(config, indent=2))
