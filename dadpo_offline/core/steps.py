@@ -32,8 +32,9 @@ def pipeline_steps(m: Manifest) -> list[Step]:
     use = f" --set reference.model={layout.stage('sft')}" if m.reference is None else ""
     steps = []
     if m.prune.source:
-        steps.append(Step("prune", ("prune",), f"dadpo-offline prune {m.prune.source} --ratio {m.prune.ratio} "
-                                               f"--out {m.student.model}"))
+        template = f" --chat-template {m.student.chat_template}" if m.student.chat_template else ""
+        steps.append(Step("prune", ("prune",), f"dadpo-offline prune {m.prune.source} --ratio {m.prune.ratio} --out "
+                          f"{m.student.model} --calibration-prompts {m.prune.calibration_prompts}{template}"))
     steps += [Step("generate", ("prompts", "generate-student", "generate-teacher"),
                    "dadpo-offline precompute MANIFEST --stage generate   (prompts and both generations)"),
               Step("dsft", ("train-sft",), "dadpo-offline train MANIFEST --stage sft"),
