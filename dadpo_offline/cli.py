@@ -327,6 +327,10 @@ def status(cache_dir, fmt, output):
     """Show each stage: fingerprint, shards done of expected, rows, bytes, active or stale.
 
     \b
+    Phase one's stages, eval's answers, judgments and results, and eval's files (lmeval:
+    one lm-eval result per model and task group; alpacaeval: alpaca_eval's judgment cache).
+
+    \b
     Example:
       dadpo-offline cache status runs/demo/cache
     """
@@ -346,7 +350,8 @@ def verify(cache_dir):
     """Check every registered shard's size, checksum and metadata; name each bad one.
 
     \b
-    Exit 1 when a shard is missing or corrupted; rerunning its stage rebuilds it.
+    Eval's lm-eval and AlpacaEval files are checked too (size and checksum). Exit 1 when
+    one is missing or corrupted; rerunning the command that made it rebuilds it.
 
     \b
     Example:
@@ -358,7 +363,8 @@ def verify(cache_dir):
     for problem in problems:
         click.echo(problem)
     if problems:
-        raise click.ClickException(f"{len(problems)} bad shard(s) — rerun: dadpo-offline precompute MANIFEST")
+        raise click.ClickException(f"{len(problems)} bad shard(s) — rerun: dadpo-offline precompute MANIFEST "
+                                   "(eval's stages: dadpo-offline eval MANIFEST)")
     click.echo("all shards intact")
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from .index import CacheIndex
@@ -74,7 +75,7 @@ def build_stage(cache: CacheIndex, stage: str, fingerprint: str, settings: dict,
         report.built += 1
         report.rows += table.num_rows
         if "n_tokens" in table.column_names:
-            report.tokens += sum(table.column("n_tokens").to_pylist())
+            report.tokens += pc.sum(table["n_tokens"]).as_py() or 0
         if read_back:
             tables.append(table)
         bar.update(1)

@@ -310,8 +310,8 @@ class CacheIndex:
         return f"{trained} trained on" + (f"; dropped: {dropped}" if dropped else "")
 
     def verify(self, stages: list[str] | None = None) -> list[str]:
-        """Every registered shard (or the active ones of `stages`): present, same size and checksum,
-        readable, right fingerprint. One line per problem."""
+        """Every registered shard and eval artefact file (or the active ones of `stages`): present,
+        same size and checksum, and for a shard readable with the right fingerprint. One line per problem."""
         query = ("SELECT s.stage, s.fingerprint, s.shard, s.path, s.bytes, s.sha256 FROM shards s "
                  "JOIN stages t USING (stage, fingerprint)")
         if stages is not None:
@@ -322,7 +322,8 @@ class CacheIndex:
         for stage, fp, shard, rel, size, sha in rows:
             problem = shard_problem(self.root / rel, size, sha, stage, fp)
             if problem:
-                problems.append(f"{stage} shard {shard} ({rel}): {problem}")
+                what = f"shard {shard}" if rel.endswith(".parquet") else "file"
+                problems.append(f"{stage} {what} ({rel}): {problem}")
         return problems
 
 
@@ -357,6 +358,8 @@ def shard_problem(path: Path, size: int, sha256: str, stage: str, fingerprint: s
         return f"size {path.stat().st_size} bytes, registered {size} (truncated or overwritten)"
     if file_sha256(path) != sha256:
         return "checksum mismatch (corrupted)"
+    if path.suffix != ".parquet":  # an eval artefact kept as its tool's own file (FILE_STAGES): no key-value metadata
+        return None
     try:
         meta = shard_metadata(path)
     except CacheError as exc:
