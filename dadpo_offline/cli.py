@@ -316,7 +316,7 @@ def sql(cache_dir, query, params, fmt, output):
 
 @main.group(context_settings=CONTEXT)
 def cache():
-    """Inspect and check a cache directory."""
+    """Inspect, check and clean a cache directory."""
 
 
 @cache.command(context_settings=CONTEXT)
@@ -366,6 +366,34 @@ def verify(cache_dir):
         raise click.ClickException(f"{len(problems)} bad shard(s) — rerun: dadpo-offline precompute MANIFEST "
                                    "(eval's stages: dadpo-offline eval MANIFEST)")
     click.echo("all shards intact")
+
+
+@cache.command(context_settings=CONTEXT)
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="List what would be removed and the space it would free; change nothing.")
+@domain_errors
+def gc(cache_dir, dry_run):
+    """Remove stale fingerprints and files that no index row points to.
+
+    \b
+    Stale: a fingerprint that a changed setting replaced (accumulating eval stages keep
+    every fingerprint). Also removed: leftover temporary files, unregistered shards and
+    files, empty folders. Never touched: active and eval data, the index and its WAL.
+    Prints one line per removal and the space freed; refuses while another process holds
+    the index.
+
+    \b
+    Example:
+      dadpo-offline cache gc runs/demo/cache --dry-run
+      dadpo-offline cache gc runs/demo/cache
+    """
+    from .cache.gc import collect_garbage, human_bytes
+
+    removals = collect_garbage(cache_dir, dry_run)
+    for removal in removals:
+        click.echo(f"{'would remove' if dry_run else 'removed'}  {os.path.join(cache_dir, removal.path)} "
+                   f"({removal.what}, {human_bytes(removal.bytes)})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(sum(r.bytes for r in removals))}")
 
 
 if __name__ == "__main__":  # pragma: no cover
