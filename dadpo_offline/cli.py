@@ -332,7 +332,7 @@ def sql(cache_dir, query, params, fmt, output):
 
 @main.group(context_settings=CONTEXT)
 def cache():
-    """Inspect and check a cache directory."""
+    """Inspect, check and clean a cache directory."""
 
 
 @cache.command(context_settings=CONTEXT)
@@ -341,6 +341,10 @@ def cache():
 @domain_errors
 def status(cache_dir, fmt, output):
     """Show each stage: fingerprint, shards done of expected, rows, bytes, active or stale.
+
+    \b
+    Phase one's stages, eval's answers, judgments and results, and eval's files (lmeval:
+    one lm-eval result per model and task group; alpacaeval: alpaca_eval's judgment cache).
 
     \b
     Example:
@@ -362,7 +366,8 @@ def verify(cache_dir):
     """Check every registered shard's size, checksum and metadata; name each bad one.
 
     \b
-    Exit 1 when a shard is missing or corrupted; rerunning its stage rebuilds it.
+    Eval's lm-eval and AlpacaEval files are checked too (size and checksum). Exit 1 when
+    one is missing or corrupted; rerunning the command that made it rebuilds it.
 
     \b
     Example:
@@ -374,8 +379,37 @@ def verify(cache_dir):
     for problem in problems:
         click.echo(problem)
     if problems:
-        raise click.ClickException(f"{len(problems)} bad shard(s) — rerun: dadpo-offline precompute MANIFEST")
+        raise click.ClickException(f"{len(problems)} bad shard(s) — rerun: dadpo-offline precompute MANIFEST "
+                                   "(eval's stages: dadpo-offline eval MANIFEST)")
     click.echo("all shards intact")
+
+
+@cache.command(context_settings=CONTEXT)
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="List what would be removed and the space it would free; change nothing.")
+@domain_errors
+def gc(cache_dir, dry_run):
+    """Remove stale fingerprints and files that no index row points to.
+
+    \b
+    Stale: a fingerprint that a changed setting replaced (accumulating eval stages keep
+    every fingerprint). Also removed: leftover temporary files, unregistered shards and
+    files, empty folders. Never touched: active and eval data, the index and its WAL.
+    Prints one line per removal and the space freed; refuses while another process holds
+    the index.
+
+    \b
+    Example:
+      dadpo-offline cache gc runs/demo/cache --dry-run
+      dadpo-offline cache gc runs/demo/cache
+    """
+    from .cache.gc import collect_garbage, human_bytes
+
+    removals = collect_garbage(cache_dir, dry_run)
+    for removal in removals:
+        click.echo(f"{'would remove' if dry_run else 'removed'}  {os.path.join(cache_dir, removal.path)} "
+                   f"({removal.what}, {human_bytes(removal.bytes)})")
+    click.echo(f"{'would free' if dry_run else 'freed'} {human_bytes(sum(r.bytes for r in removals))}")
 
 
 if __name__ == "__main__":  # pragma: no cover

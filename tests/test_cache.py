@@ -178,3 +178,36 @@ def test_ready_fingerprint_refuses_incomplete_and_stale_stages(cache_with_genera
     cache.begin_stage("generate-student", "newer", {}, 2)  # new generations: the scores no longer match them
     with pytest.raises(CacheError, match="built from older generate-student shards"):
         cache.ready_fingerprint("score-reference", "score")
+
+
+def test_build_stage_resumes_builds_only_its_todo_and_rebuilds_with_force(tmp_path):
+    """Shard 1 crashes (injected); the rerun builds 1 and 2 and reads 0 back. A job's todo list
+    limits what it builds; force rebuilds intact shards."""
+    from dadpo_offline.cache.build import build_stage
+
+    cache = open_cache(tmp_path / "cache", create=True)
+    built = []
+
+    class InjectedCrash(Exception):
+        """Stands in for a kill during shard 1."""
+
+    def build(k):
+        built.append(k)
+        if built == [0, 1]:
+            raise InjectedCrash
+        return generations(k + 1)
+
+    with pytest.raises(InjectedCrash):
+        build_stage(cache, "generate-student", "fp", {}, 3, build)
+    first = shard_path(cache.stage_dir("generate-student", "fp"), 0)
+    written = first.stat().st_mtime_ns
+    built.clear()
+    result = build_stage(cache, "generate-student", "fp", {}, 3, build, read_back=True)
+    assert built == [1, 2] and first.stat().st_mtime_ns == written
+    assert (result.report.built, result.report.skipped, result.report.rows, result.report.tokens) == (2, 1, 5, 15)
+    assert result.table.num_rows == 6 and cache.verify() == []
+    built.clear()
+    again = build_stage(cache, "generate-student", "fp", {}, 3, build, read_back=True)
+    assert built == [] and again.table.equals(result.table) and again.report.skipped == 3
+    assert build_stage(cache, "generate-student", "fp", {}, 3, build, todo=[2], force=True).report.built == 1
+    assert built == [2] and first.stat().st_mtime_ns == written

@@ -194,3 +194,8 @@ def test_eval_alpacaeval_and_lmeval_suites_through_the_command(tmp_path, prompts
                                                                                          "arc_challenge/acc_norm"}
     assert rows[("student", "lmeval", "arc_challenge/acc")]["n"] == 2
     assert (tmp_path / "cache" / "alpacaeval" / "annotator" / "configs.yaml").is_file()  # judgments kept for later runs
+    status = json.loads(invoke("cache", "status", tmp_path / "cache", "-f", "json").stdout)
+    done = {r["stage"]: r["done"] for r in status}
+    assert done["lmeval"] == 1 and done["alpacaeval"] == 2  # one result per model and group; config + judgments
+    assert [r["stage"] for r in status].count("lmeval") == 1  # teacher and student are the same model here: one result
+    assert invoke("cache", "verify", tmp_path / "cache").stdout.strip() == "all shards intact"

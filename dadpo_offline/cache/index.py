@@ -100,8 +100,9 @@ class CacheIndex:
         self.index_path = root / INDEX_NAME
 
     @contextmanager
-    def connect(self, read_only: bool = False):
-        """A short-lived connection; waits (with jitter) while another job holds the write lock.
+    def connect(self, read_only: bool = False, wait_s: float | None = None):
+        """A short-lived connection; waits (with jitter) while another job holds the write lock, at
+        most `wait_s` seconds when given.
 
         A read-only one is also confined by DuckDB's own controls: files only inside the cache
         folder, no extensions, settings locked. So even a statement that slipped past `sql`'s
@@ -126,8 +127,9 @@ class CacheIndex:
                 # holder has it open for reading: our own readers let go within moments, a
                 # notebook or a stock client may keep it for hours, so a writer stops waiting soon.
                 held_by_reader = "read-only mode" in text
-                if time.monotonic() - start > (READER_WAIT_S if held_by_reader else LOCK_WAIT_S):
-                    raise CacheError(lock_holder_message(self.index_path, text, held_by_reader)) from exc
+                patience = wait_s if wait_s is not None else READER_WAIT_S if held_by_reader else LOCK_WAIT_S
+                if time.monotonic() - start > patience:
+                    raise CacheError(lock_holder_message(self.index_path, text, held_by_reader, patience)) from exc
                 time.sleep(random.uniform(0.05, 0.5))
             except duckdb.Error as exc:
                 raise CacheError(f"{self.index_path}: not a readable DuckDB index ({str(exc).splitlines()[0]})") from exc
@@ -310,8 +312,8 @@ class CacheIndex:
         return f"{trained} trained on" + (f"; dropped: {dropped}" if dropped else "")
 
     def verify(self, stages: list[str] | None = None) -> list[str]:
-        """Every registered shard (or the active ones of `stages`): present, same size and checksum,
-        readable, right fingerprint. One line per problem."""
+        """Every registered shard and eval artefact file (or the active ones of `stages`): present,
+        same size and checksum, and for a shard readable with the right fingerprint. One line per problem."""
         query = ("SELECT s.stage, s.fingerprint, s.shard, s.path, s.bytes, s.sha256 FROM shards s "
                  "JOIN stages t USING (stage, fingerprint)")
         if stages is not None:
@@ -322,7 +324,8 @@ class CacheIndex:
         for stage, fp, shard, rel, size, sha in rows:
             problem = shard_problem(self.root / rel, size, sha, stage, fp)
             if problem:
-                problems.append(f"{stage} shard {shard} ({rel}): {problem}")
+                what = f"shard {shard}" if rel.endswith(".parquet") else "file"
+                problems.append(f"{stage} {what} ({rel}): {problem}")
         return problems
 
 
@@ -334,7 +337,7 @@ def dropped_summary(con, split: str | None = None) -> str:
     return ", ".join(f"{n} {why}" for why, n in counts)
 
 
-def lock_holder_message(index: Path, duckdb_message: str, held_by_reader: bool) -> str:
+def lock_holder_message(index: Path, duckdb_message: str, held_by_reader: bool, waited_s: float = LOCK_WAIT_S) -> str:
     """Who holds the index (PID and command line, from DuckDB's message and /proc) and what to do."""
     found = re.search(r"\(PID (\d+)\)", duckdb_message)
     pid = found.group(1) if found else "?"
@@ -346,7 +349,7 @@ def lock_holder_message(index: Path, duckdb_message: str, held_by_reader: bool) 
     if held_by_reader:
         return (f"{index} is held open for reading by {holder}, which blocks every writer — close that DuckDB "
                 "connection (con.close(), or quit the client), then rerun")
-    return f"{index} stayed locked by {holder} for {LOCK_WAIT_S} s — wait for it to finish, or stop it, then rerun"
+    return f"{index} stayed locked by {holder} for {waited_s:g} s — wait for it to finish, or stop it, then rerun"
 
 
 def shard_problem(path: Path, size: int, sha256: str, stage: str, fingerprint: str) -> str | None:
@@ -357,6 +360,8 @@ def shard_problem(path: Path, size: int, sha256: str, stage: str, fingerprint: s
         return f"size {path.stat().st_size} bytes, registered {size} (truncated or overwritten)"
     if file_sha256(path) != sha256:
         return "checksum mismatch (corrupted)"
+    if path.suffix != ".parquet":  # an eval artefact kept as its tool's own file (FILE_STAGES): no key-value metadata
+        return None
     try:
         meta = shard_metadata(path)
     except CacheError as exc:

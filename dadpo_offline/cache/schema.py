@@ -155,9 +155,15 @@ STAGES = {
     "judgments": JUDGMENTS,
     "eval-results": EVAL_RESULTS,
 }
+# Eval artefacts kept as the files their tools read back (not Parquet), registered with size and
+# sha256 like shards so that `cache status`, `verify` and `gc` see them; where they lie in the cache.
+FILE_STAGES = {
+    "lmeval": "lmeval/FINGERPRINT.json",  # one lm_eval.simple_evaluate result per (model, task group)
+    "alpacaeval": "alpacaeval/annotator/",  # alpaca_eval's annotator config and its judgment cache
+}
 # Stages whose fingerprints all stay visible (one per model and benchmark, one per eval run)
 # instead of the newest replacing the rest.
-ACCUMULATING = {"answers", "judgments", "eval-results"}
+ACCUMULATING = {"answers", "judgments", "eval-results", *FILE_STAGES}
 # view -> the stages whose active shards it reads
 VIEW_STAGES = {
     "prompts": ["prompts"],

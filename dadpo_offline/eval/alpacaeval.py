@@ -6,7 +6,9 @@ model and base URL swapped for ours. Its config and its annotation cache live in
 (`eval` uses <cache_dir>/alpacaeval/annotator/), so a rerun reuses every judgment. alpaca_eval takes the API key
 from a client-config file: we write one (0600, private temp dir) and delete it after the run.
 A judgment that cannot be parsed is cached as such (alpaca_eval does not retry it): delete
-annotator/annotations_*.json to judge again.
+annotator/annotations_*.json to judge again. When the annotator folder lies in a cache, its files
+are registered there after each run (stage `alpacaeval`), so `cache status`, `verify` and `gc` see
+them; an annotation cache that no longer reads as JSON is removed (and judged again) before a run.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from ..cache.artefacts import enclosing_cache, register_files
+from ..cache.index import CacheIndex
 from ..errors import InputError, JudgeError
 from ..jsonl import read_jsonl
 from ..manifest import AlpacaEvalConfig, JudgeConfig
@@ -84,6 +88,36 @@ def run_alpacaeval(config: AlpacaEvalConfig, judge: JudgeConfig, outputs: dict[s
     evaluate, metrics = _import_alpaca_eval()
     base = Path(out_dir) / "alpacaeval"
     annotator_dir = _write_annotator(Path(annotator_dir or base / "annotator"), judge)
+    _drop_unreadable_judgments(annotator_dir)
+    cache = enclosing_cache(annotator_dir)
+    try:
+        return _run(config, judge, outputs, reference, reference_name, base, annotator_dir, evaluate, metrics)
+    finally:  # also after a judge error: what alpaca_eval cached so far is kept, and registered
+        if cache is not None:
+            register_annotator(cache, annotator_dir)
+
+
+def register_annotator(cache: CacheIndex, annotator_dir: Path) -> None:
+    """The annotator folder's files as stage `alpacaeval`, fingerprinted by the folder and annotator."""
+    settings = {"annotator": PACKAGE_ANNOTATOR, "folder": annotator_dir.resolve().relative_to(cache.root).as_posix()}
+    files = sorted(p.resolve() for p in annotator_dir.iterdir() if p.is_file() and ".tmp" not in p.name)
+    register_files(cache, "alpacaeval", settings, files)
+
+
+def _drop_unreadable_judgments(annotator_dir: Path) -> None:
+    """alpaca_eval fails on a cut or corrupted annotation cache: remove it (its judgments are made again)."""
+    for path in annotator_dir.glob("annotations_*.json"):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            print(f"alpacaeval: {path} is not readable JSON (cut or corrupted); removing it, its judgments are made "
+                  "again", file=sys.stderr)
+            path.unlink()
+
+
+def _run(config: AlpacaEvalConfig, judge: JudgeConfig, outputs: dict[str, list[dict]], reference: list[dict],
+         reference_name: str, base: Path, annotator_dir: Path, evaluate, metrics) -> list[dict]:
+    """Each model judged by alpaca_eval.evaluate; the leaderboard of all of them in base/leaderboard.csv."""
     label = judge_label(judge)
     # Length control needs AlpacaEval's own instruction order (it indexes per-instruction difficulties by
     # position) and a helper file from the hub; on our own instructions it would be meaningless.

@@ -20,6 +20,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from ..cache.artefacts import cached_json, store_json
+from ..cache.index import open_cache
 from ..cache.shards import file_sha256, fingerprint
 from ..errors import InputError
 from ..manifest import LmEvalConfig
@@ -48,45 +50,52 @@ class TaskGroup:
 
 
 def run_lmeval(config: LmEvalConfig, models: dict[str, ResolvedModel], out_dir: Path, cache_dir: Path) -> list[dict]:
-    """Run config.tasks on every model; return result rows."""
+    """Run config.tasks on every model; return result rows.
+
+    Each (model, group) result is a JSON file in the cache (`cache_dir`, made when new), registered
+    as stage `lmeval` under its settings' fingerprint: `cache status` lists it, `cache verify`
+    checks it, and a damaged one is computed again.
+    """
     data_digests = data_file_digests(config)
     groups = group_tasks(config)
     dtype, device = resolve_dtype("auto"), torch_device()
-    result_paths = {(name, group): cache_dir / "lmeval" /
-                    f"{group_fingerprint(model, group, dtype, config, data_digests)}.json"
-                    for name, model in models.items() for group in groups}
+    cache = open_cache(cache_dir, create=True)
+    settings = {(name, group): group_settings(model, group, dtype, config, data_digests)
+                for name, model in models.items() for group in groups}
+    paths = {key: cache.root / "lmeval" / f"{fingerprint(value)}.json" for key, value in settings.items()}
+    cached = {key: cached_json(cache, "lmeval", settings[key], paths[key]) for key in settings}
     # a finished result proves its tasks were valid, so a full cache hit skips lm-eval's slow task index
-    done = all(path.is_file() for path in result_paths.values())
+    done = all(result is not None for result in cached.values())
     task_managers = {} if done else prepare_tasks(config, groups, out_dir / "tasks")
     rows = []
     for name, model in models.items():
         lm, raw = None, {}
         for group in groups:
-            path = result_paths[name, group]
-            if path.is_file():
+            result = cached[name, group]
+            if result is not None:
                 tqdm.write(f"lm-eval {group.label} for {name}: cached", file=sys.stderr)
             else:
                 if lm is None:
                     tqdm.write(f"loading {model.reference} ({device}, {dtype}) for lm-eval as {name}", file=sys.stderr)
                     lm = load_lm(model, dtype, device, config.batch_size)
                 tqdm.write(f"lm-eval {group.label} for {name}", file=sys.stderr)
-                result = evaluate_group(lm, group, task_managers[group], config.limit)
-                atomic_text(path, json.dumps(result, indent=2))
-            raw[group.label] = json.loads(path.read_text())
+                result = store_json(cache, "lmeval", settings[name, group], paths[name, group],
+                                    evaluate_group(lm, group, task_managers[group], config.limit))
+            raw[group.label] = result
             rows += result_rows(name, group, raw[group.label])
         atomic_text(out_dir / "lmeval" / f"{name}.json", json.dumps(raw, indent=2))
     return rows
 
 
-def group_fingerprint(model: ResolvedModel, group: TaskGroup, dtype: str, config: LmEvalConfig,
-                      data_digests: dict[str, dict[str, str]]) -> str:
-    """Everything that decides one group's scores; batch size and device only change the speed."""
+def group_settings(model: ResolvedModel, group: TaskGroup, dtype: str, config: LmEvalConfig,
+                   data_digests: dict[str, dict[str, str]]) -> dict:
+    """Everything that decides one group's scores (its fingerprint); batch size and device only change the speed."""
     import lm_eval
 
-    return fingerprint({"suite": "lmeval", "model": model.reference, "path": model.path, "revision": model.revision,
-                        "dtype": dtype, "tasks": {task: group.shots for task in group.tasks},
-                        "data": {task: data_digests[task] for task in group.tasks if task in data_digests},
-                        "limit": config.limit, "lm_eval": lm_eval.__version__})
+    return {"suite": "lmeval", "model": model.reference, "path": model.path, "revision": model.revision,
+            "dtype": dtype, "tasks": {task: group.shots for task in group.tasks},
+            "data": {task: data_digests[task] for task in group.tasks if task in data_digests},
+            "limit": config.limit, "lm_eval": lm_eval.__version__}
 
 
 def data_file_digests(config: LmEvalConfig) -> dict[str, dict[str, str]]:

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from ..cache.build import StageReport, build_stage
 from ..cache.index import CacheIndex, open_cache
-from ..cache.shards import fingerprint, read_shard, remove_stale_temps, shard_path, write_shard
+from ..cache.shards import fingerprint, read_shard
 from ..errors import CacheError, InputError
 from ..manifest import Manifest, manifest_dict, write_resolved
 from ..core.engines import engine_identity, pick_backend
@@ -30,17 +30,6 @@ from ..core.roles import Engines, Role, model_role
 from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard
 
 STAGE_CHOICES = ("all", "prompts", "generate", "score")
-
-
-@dataclass
-class StageReport:
-    stage: str
-    fingerprint: str
-    built: int = 0
-    skipped: int = 0
-    rows: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
 
 
 @dataclass
@@ -125,52 +114,33 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     _say_if_rendered_differently(cache, settings["prompts"])
     all_prompts = prompts_table(fitted, rendered, shard_size)
     shard_prompts = lambda k: all_prompts.filter(pc.equal(all_prompts["shard"], k))
+
+    def build(name: str, k: int) -> pa.Table:
+        if name == "prompts":
+            return all_prompts
+        if name == "pairs":
+            return pairs_shard(shard_prompts(k),
+                               _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate"),
+                               _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"),
+                               manifest.pairs.require_finished)
+        role = roles[name.split("-", 1)[1]]
+        if name.startswith("generate-"):
+            return generate_shard(shard_prompts(k), role.name, role.fmt, engines.get(role),
+                                  getattr(manifest.generate, role.name), manifest.generate.samples_per_prompt)
+        generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
+        ids_column = "teacher_prompt_ids" if role.name == "teacher" else "student_prompt_ids"
+        return score_shard(shard_prompts(k), generations, {"teacher": roles["teacher"].fmt,
+                           "student": roles["student"].fmt}, role.name, role.fmt, engines.get(role), ids_column)
+
     try:
         for name in wanted:
-            fp = fps[name]
-            cache.begin_stage(name, fp, settings[name], 1 if name == "prompts" else n_shards)
-            stage_dir = cache.stage_dir(name, fp)
-            report = StageReport(name, fp)
-            todo = [0] if name == "prompts" else mine
-            if name != "prompts" or jobs == 1:  # every job writes the (identical) prompts shard
-                remove_stale_temps(stage_dir, todo)
-            write_resolved(manifest, stage_dir / "manifest.yaml")
-            done = cache.intact_shards(name, fp, todo, force)
-            bar = tqdm(todo, desc=name, unit="shard", file=sys.stderr, dynamic_ncols=True)
-            start = time.perf_counter()
-            for k in bar:
-                if k in done:
-                    report.skipped += 1
-                    continue
-                if name == "prompts":
-                    table = all_prompts
-                elif name == "pairs":
-                    table = pairs_shard(shard_prompts(k),
-                                        _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate"),
-                                        _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"),
-                                        manifest.pairs.require_finished)
-                elif name.startswith("generate-"):
-                    role = roles[name.split("-", 1)[1]]
-                    table = generate_shard(shard_prompts(k), role.name, role.fmt, engines.get(role),
-                                           getattr(manifest.generate, role.name), manifest.generate.samples_per_prompt)
-                else:
-                    role = roles[name.split("-", 1)[1]]
-                    generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
-                    ids_column = "teacher_prompt_ids" if role.name == "teacher" else "student_prompt_ids"
-                    table = score_shard(shard_prompts(k), generations, {"teacher": roles["teacher"].fmt,
-                                        "student": roles["student"].fmt}, role.name, role.fmt, engines.get(role),
-                                        ids_column)
-                written = write_shard(table, shard_path(stage_dir, k), {"stage": name, "fingerprint": fp, "shard": k})
-                cache.register(name, fp, k, written)
-                report.built += 1
-                report.rows += table.num_rows
-                if "n_tokens" in table.column_names:
-                    report.tokens += sum(table.column("n_tokens").to_pylist())
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(rows=report.rows, tok_s=f"{report.tokens / max(elapsed, 1e-9):.0f}")
-            bar.close()
-            report.seconds = time.perf_counter() - start
-            summary.stages.append(report)
+            write_resolved(manifest, cache.stage_dir(name, fps[name]) / "manifest.yaml")
+            # every job writes the (identical) prompts shard: only a lone job may delete its temps
+            built = build_stage(cache, name, fps[name], settings[name], 1 if name == "prompts" else n_shards,
+                                lambda k, name=name: build(name, k), todo=[0] if name == "prompts" else mine,
+                                force=force, remove_temps=name != "prompts" or jobs == 1,
+                                desc=name, show_when_done=True, rates=True)
+            summary.stages.append(built.report)
     finally:
         engines.close()
     return summary
