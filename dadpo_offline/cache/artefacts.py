@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..files import atomic_text
-from .index import INDEX_NAME, CacheIndex, open_cache, shard_problem
+from .index import CacheIndex, shard_problem
 from .shards import ShardFile, file_sha256, fingerprint
 
 
@@ -62,14 +62,6 @@ def register_files(cache: CacheIndex, stage: str, settings: dict, paths: list[Pa
     for k in cache.registered(stage, fp):
         if k >= len(paths):
             cache.unregister(stage, fp, k)
-
-
-def enclosing_cache(path: Path) -> CacheIndex | None:
-    """The cache that `path` lies in (`eval` keeps alpaca_eval's annotator folder there), else None."""
-    for folder in Path(path).resolve().parents:
-        if (folder / INDEX_NAME).is_file():
-            return open_cache(folder)
-    return None
 
 
 def _rows(path: Path) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from ..cache.artefacts import enclosing_cache, register_files
+from ..cache.artefacts import register_files
 from ..cache.index import CacheIndex
 from ..errors import InputError, JudgeError
 from ..jsonl import read_jsonl
@@ -76,20 +76,20 @@ def _read_hub() -> list[dict]:
 
 
 def run_alpacaeval(config: AlpacaEvalConfig, judge: JudgeConfig, outputs: dict[str, list[dict]], reference: list[dict],
-                   reference_name: str, out_dir: Path, annotator_dir: Path | None = None) -> list[dict]:
+                   reference_name: str, out_dir: Path, cache: CacheIndex | None = None) -> list[dict]:
     """Judge each model's outputs against `reference` (same instructions, same order); one result row per metric.
 
-    `annotator_dir` holds the annotator config and alpaca_eval's judgment cache (default:
-    <out_dir>/alpacaeval/annotator); `eval` keeps it in the cache folder so that later runs reuse it.
+    The annotator config and alpaca_eval's judgment cache live in `cache` (`eval` passes its cache,
+    so later runs reuse the judgments, registered as stage `alpacaeval`), else in
+    <out_dir>/alpacaeval/annotator.
     """
     for name, answers in outputs.items():
         _check_aligned(name, answers, reference)
     Judge(judge, "alpacaeval").check()  # unreachable, unauthorised or wrong model: one clear error, in seconds
     evaluate, metrics = _import_alpaca_eval()
     base = Path(out_dir) / "alpacaeval"
-    annotator_dir = _write_annotator(Path(annotator_dir or base / "annotator"), judge)
+    annotator_dir = _write_annotator((cache.root if cache else base.parent) / "alpacaeval" / "annotator", judge)
     _drop_unreadable_judgments(annotator_dir)
-    cache = enclosing_cache(annotator_dir)
     try:
         return _run(config, judge, outputs, reference, reference_name, base, annotator_dir, evaluate, metrics)
     finally:  # also after a judge error: what alpaca_eval cached so far is kept, and registered

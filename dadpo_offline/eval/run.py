@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..cache.index import open_cache
+from ..cache.index import CacheIndex, open_cache
 from ..errors import InputError
 from ..manifest import EvalConfig, JudgeConfig, Manifest, ModelConfig, write_resolved
 from ..core.models import resolve_model
@@ -129,7 +129,7 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
                 rows += winrate.aggregate(judgments, judge.label)
             else:
                 rows += run_alpacaeval(e, judge_config, instructions, questions["alpacaeval"], answers["alpacaeval"],
-                                       run_dir, cache.root / "alpacaeval" / "annotator")
+                                       run_dir, cache)
             seconds[suite] = round(time.perf_counter() - start, 1)
     if "lmeval" in suites:
         from .lmeval import run_lmeval
@@ -148,7 +148,7 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
 
 
 def run_alpacaeval(e: EvalConfig, judge: JudgeConfig, instructions: list[dict], questions: list[Question],
-                   answers: pa.Table, run_dir: Path, annotator_dir: Path) -> list[dict]:
+                   answers: pa.Table, run_dir: Path, cache: CacheIndex) -> list[dict]:
     """Every model against the reference outputs: the teacher's answers, or the file's own outputs."""
     from .alpacaeval import run_alpacaeval as alpaca
 
@@ -164,7 +164,7 @@ def run_alpacaeval(e: EvalConfig, judge: JudgeConfig, instructions: list[dict], 
                              "output on every line")
         reference = [{"instruction": item["instruction"], "output": item["output"]} for item in instructions]
         reference_name = "reference_file"
-    return alpaca(e.alpacaeval, judge, outputs, reference, reference_name, run_dir, annotator_dir)
+    return alpaca(e.alpacaeval, judge, outputs, reference, reference_name, run_dir, cache)
 
 
 def new_run_dir(base: Path) -> tuple[str, Path]:
