@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
@@ -41,18 +42,22 @@ class BuiltStage:
 def build_stage(cache: CacheIndex, stage: str, fingerprint: str, settings: dict, n_shards: int,
                 build: Callable[[int], pa.Table], *, todo: list[int] | None = None, force: bool = False,
                 remove_temps: bool = True, desc: str | None = None, show_when_done: bool = False,
-                rates: bool = False, read_back: bool = False) -> BuiltStage:
+                rates: bool = False, read_back: bool = False,
+                prepare: Callable[[Path], None] | None = None) -> BuiltStage:
     """Build the shards of `todo` (default: all n_shards) that are not in the cache yet.
 
     `force` rebuilds intact shards too. `remove_temps` is False where other jobs write the same
     shard at the same time (precompute's prompts shard under --shard I/N). `desc` labels a
     progress bar over shards (None: no bar, `build` shows its own); `show_when_done` shows it even
     when nothing is missing, `rates` adds rows and tokens per second. `read_back` returns the
-    concatenated table of all `todo` shards, the intact ones read back from their files.
+    concatenated table of all `todo` shards, the intact ones read back from their files. `prepare`
+    gets the stage folder once the fingerprint is registered (precompute writes its manifest there).
     """
     todo = list(range(n_shards)) if todo is None else todo
     cache.begin_stage(stage, fingerprint, settings, n_shards)
     stage_dir = cache.stage_dir(stage, fingerprint)
+    if prepare is not None:
+        prepare(stage_dir)
     if remove_temps:
         remove_stale_temps(stage_dir, todo)
     done = cache.intact_shards(stage, fingerprint, todo, force)

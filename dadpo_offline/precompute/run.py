@@ -134,12 +134,12 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
 
     try:
         for name in wanted:
-            write_resolved(manifest, cache.stage_dir(name, fps[name]) / "manifest.yaml")
             # every job writes the (identical) prompts shard: only a lone job may delete its temps
             built = build_stage(cache, name, fps[name], settings[name], 1 if name == "prompts" else n_shards,
                                 lambda k, name=name: build(name, k), todo=[0] if name == "prompts" else mine,
                                 force=force, remove_temps=name != "prompts" or jobs == 1,
-                                desc=name, show_when_done=True, rates=True)
+                                desc=name, show_when_done=True, rates=True,
+                                prepare=lambda folder: write_resolved(manifest, folder / "manifest.yaml"))
             summary.stages.append(built.report)
     finally:
         engines.close()
