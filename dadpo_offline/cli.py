@@ -111,9 +111,8 @@ def run(manifest, overrides, dry_run):
 
         click.echo(format_plan(plan(m)))
         return
-    from .pipeline import format_steps, run_pipeline
-
     from .core.layout import RunLayout
+    from .pipeline import format_steps, run_pipeline
 
     steps = run_pipeline(m)
     click.echo(format_steps(steps))

@@ -16,6 +16,7 @@ import yaml
 
 from .errors import DadpoError, ManifestError
 from .files import atomic_text
+from .losses import LOSSES
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,11 @@ class TrainConfig(TrainerConfig):
     init_model: Optional[str] = None  # preference training's start; default: the reference (the dSFT student)
     step0_pairs: int = 8  # pairs re-scored before training to compare with the cached reference; 0 skips
     step0_max_token_gap: Optional[float] = None  # nats/token (mean |policy − cached reference|) that stops training; None: by dtype
+
+    def this_run(self) -> TrainConfig:
+        """The settings as a run of `loss` reads them: only that loss's own parameters, so that another
+        loss's (a sweep of them, say) never changes this run's identity."""
+        return dataclasses.replace(self, loss_params={k: v for k, v in self.loss_params.items() if k == self.loss})
 
 
 @dataclass(frozen=True)
@@ -390,8 +396,6 @@ def _trainer_problems(section: str, t: TrainerConfig) -> list[str]:
 
 def _loss_problems(t: TrainConfig) -> list[str]:
     """The loss registry checks its names, the betas each loss uses and each loss's own parameters."""
-    from .losses import LOSSES
-
     known = ", ".join(map(repr, sorted(LOSSES)))
     problems = [f"train.{key}: {name!r} is not one of {known}"
                 for key, names in (("loss", [t.loss]), ("compare", t.compare),

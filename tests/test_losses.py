@@ -1,4 +1,5 @@
 """The preference losses against their closed forms, worked by hand where the numbers are small."""
+import dataclasses
 import math
 
 import pytest
@@ -143,6 +144,15 @@ def test_a_new_loss_is_one_registered_function(variant, tmp_path):
     shown = subprocess.run([sys.executable, "-c", VARIANT + "from dadpo_offline.cli import main\nmain(['train', '-h'])"],
                            capture_output=True, text=True)
     assert "cdadpo" in shown.stdout, shown.stderr[-2000:]
+
+
+def test_a_runs_settings_carry_only_its_own_losss_parameters(variant):
+    """A sweep of one loss's parameters must not make another loss's finished run look changed."""
+    from dadpo_offline.manifest import load_manifest
+
+    t = load_manifest(None, ["train.compare=[cdadpo]", "train.loss_params={cdadpo: {epsilon: 0.2}}"]).train
+    assert t.this_run().loss_params == {} and t.this_run().loss == "dadpo"
+    assert dataclasses.replace(t, loss="cdadpo").this_run().loss_params == {"cdadpo": {"epsilon": 0.2}}
 
 
 def test_manifest_names_a_loss_the_registry_does_not_know():

@@ -16,7 +16,6 @@ from ..cache.schema import ANSWERS
 from ..cache.shards import fingerprint
 from ..core.engines import Request, engine_identity, request_seed
 from ..core.roles import Engines, Role
-
 from .store import cached_shards
 
 

@@ -141,7 +141,7 @@ class EchoLogs(TrainerCallback):
 
 
 def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
-    t = manifest.train
+    t = manifest.train.this_run()
     beta1, beta2 = LOSSES[t.loss].betas(t.beta1, t.beta2)
     output = RunLayout.of(manifest).stage(t.loss)
     init = t.init_model or manifest.reference_model.model
