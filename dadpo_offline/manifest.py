@@ -44,6 +44,7 @@ class PromptSource:
     config: Optional[str] = None  # hub data set config name
     split: str = "train"  # hub split
     limit: Optional[int] = None  # take at most this many prompts from the source
+    system_prompt: Optional[str] = None  # the system message of every prompt from this source that has none
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,17 @@ def test_collect_prompts_keeps_heldout_when_asked_for_it():
     assert counts["over_limit"] > 0
 
 
+def test_a_source_system_prompt_is_given_to_prompts_without_one(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Name a river."}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Be a pirate."}, {"role": "user", "content": "Hi."}]}) + "\n")
+    plain, _ = collect_prompts(PromptsConfig(sources=[PromptSource(jsonl=str(path))]))
+    brief, _ = collect_prompts(PromptsConfig(sources=[PromptSource(jsonl=str(path), system_prompt="Be brief.")]))
+    assert brief[0].messages == (("system", "Be brief."), ("user", "Name a river."))
+    assert brief[0].prompt_id != plain[0].prompt_id  # other content, so another cache entry
+    assert brief[1] == plain[1]  # a prompt's own system message wins
+
+
 def test_hub_rows_sharegpt_and_ultrachat_become_prompts_without_final_answer():
     sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
                                   {"from": "human", "value": "Tell me a joke"}, {"from": "gpt", "value": "No."}]}

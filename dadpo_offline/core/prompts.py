@@ -136,8 +136,17 @@ def load_source(source: PromptSource) -> list[Prompt]:
     elif source.jsonl is not None:
         prompts = read_prompts(Path(source.jsonl), f"jsonl:{Path(source.jsonl).name}")
     else:
-        return hub_prompts(source)
-    return prompts[: source.limit] if source.limit else prompts
+        prompts = hub_prompts(source)
+    prompts = prompts[: source.limit] if source.limit else prompts
+    return [with_system_prompt(p, source.system_prompt) for p in prompts] if source.system_prompt else prompts
+
+
+def with_system_prompt(prompt: Prompt, text: str) -> Prompt:
+    """The prompt with `text` as its system message, unless it has its own (a new content, so a new id)."""
+    if prompt.messages[0][0] == "system":
+        return prompt
+    return make_prompt([{"role": "system", "content": text}, *prompt.as_messages()], prompt.source, prompt.split,
+                       prompt.category)
 
 
 def normalise(text: str) -> str:
