@@ -123,8 +123,9 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
                  f"(judge: {judge}); answers and judgments cached", "memory": inference_memory(teacher, m, scoring=False)},
         "report": {"what": f"plots, report.md and report.html in {RunLayout.of(m).report}"}}
     if "source_info" in student:  # prune.source set and the student folder not made yet
-        what = (f"remove {m.prune.ratio:.0%} of every layer's MLP channels and {m.prune.head_ratio:.0%} of its query "
-                "heads (width)" if m.prune.method == "width" else f"drop {m.prune.ratio:.0%} of the decoder layers")
+        what = (f"remove {m.prune.ratio:.0%} of every layer's MLP channels and head_ratio {m.prune.head_ratio:g} of "
+                "each KV-head group's query heads (width)" if m.prune.method == "width"
+                else f"drop {m.prune.ratio:.0%} of the decoder layers")
         parts["prune"] = {"model": "student", "what": f"{what} of "
                           f"{m.prune.source}, ranked on {m.prune.calibration_prompts} built-in prompts, into "
                           f"{m.student.model}", "memory": prune_memory(student["source_info"])}
