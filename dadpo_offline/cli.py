@@ -174,35 +174,51 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model")
+@click.option("--method", type=click.Choice(["depth", "width"]), default="depth", show_default=True,
+              help="depth: remove whole decoder layers; width: remove MLP channels and query heads in every layer "
+                   "(LLM-Pruner's kind, the paper's student).")
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
-              help="Fraction of decoder layers to remove (the paper's 20%-pruned student).")
+              help="depth: fraction of decoder layers removed; width: fraction of every layer's MLP channels removed "
+                   "(kept channels rounded to a multiple of 8).")
+@click.option("--head-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="width only: fraction of the query heads of every KV-head group removed; it must remove whole "
+                   "heads (SmolLM2, 3 per group: 0, 0.333 or 0.667).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Folder for the pruned model; must be missing, empty, or an earlier identical prune.")
 @click.option("--calibration-prompts", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Built-in train prompts whose hidden states rank the layers.")
+              help="Built-in train prompts that rank the layers (depth) or heads and channels (width).")
 @click.option("--revision", help="Hub revision of MODEL (default: main).")
 @click.option("--chat-template", type=click.Path(dir_okay=False, exists=True),
               help="Jinja chat template for a tokenizer without one (e.g. manifests/templates/vicuna_v1.1.jinja).")
 @domain_errors
-def prune(model, ratio, out, calibration_prompts, revision, chat_template):
-    """Make a smaller student by removing the decoder layers that change hidden states least.
+def prune(model, method, ratio, head_ratio, out, calibration_prompts, revision, chat_template):
+    """Make a smaller student by removing the decoder layers, or the heads and MLP channels, that matter least.
 
     \b
-    MODEL is a hub id, a local folder or embedded:NAME. Each layer is scored by the mean
+    MODEL is a hub id, a local folder or embedded:NAME. depth scores each layer by the mean
     1 - cosine(input, output) of its hidden states on the calibration prompts; the lowest
-    round(ratio x layers) go. OUT gets a plain Hugging Face model folder plus prune.json (the
-    report, also printed); rerunning the same command is a no-op.
+    round(ratio x layers) go. width removes, in every layer alike, ratio of the MLP channels and
+    head_ratio of the query heads of each KV-head group (whole heads only; key/value heads stay,
+    or go with their query head under multi-head attention), ranked by first-order Taylor
+    importance sum |w x dL/dw| on the calibration prompts; hidden and head sizes stay.
+    OUT gets a plain Hugging Face model folder plus prune.json (the report, also printed, with
+    parameter counts before and after); rerunning the same command is a no-op.
 
     \b
     Example:
       dadpo-offline prune Qwen/Qwen2.5-7B-Instruct --ratio 0.2 --out models/qwen7b-pruned20
+      dadpo-offline prune lmsys/vicuna-7b-v1.5 --method width --ratio 0.2 --head-ratio 0.1875 \\
+          --out models/vicuna7b-width20 --chat-template manifests/templates/vicuna_v1.1.jinja
       dadpo-offline prune embedded:smollm2-135m-instruct --out runs/demo/student --calibration-prompts 8
     """
     import json
 
     from .prune import prune_model
 
-    click.echo(json.dumps(prune_model(model, ratio, Path(out), calibration_prompts, revision, chat_template)))
+    if method == "depth" and head_ratio:
+        raise click.UsageError("--head-ratio applies to --method width only")
+    click.echo(json.dumps(prune_model(model, ratio, Path(out), calibration_prompts, revision, chat_template,
+                                      method=method, head_ratio=head_ratio)))
 
 
 @main.command(name="eval", context_settings=CONTEXT)

@@ -194,7 +194,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     source: Optional[str] = None  # model pruned into the folder student.model names, when that folder is missing
-    ratio: float = 0.2  # fraction of decoder layers removed (the paper's 20%-pruned Vicuna-7B)
+    method: str = "depth"  # depth: remove whole decoder layers; width: MLP channels and query heads (LLM-Pruner's kind)
+    ratio: float = 0.2  # depth: fraction of decoder layers removed; width: of every layer's MLP channels
+    head_ratio: float = 0.0  # width only: fraction of each KV-head group's query heads removed (whole heads)
     calibration_prompts: int = 32  # built-in train prompts whose hidden states rank the layers
 
 
@@ -205,7 +207,7 @@ class Manifest:
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=ModelConfig)
     reference: Optional[ModelConfig] = None  # the dSFT student; default: the student itself
-    prune: PruneConfig = field(default_factory=PruneConfig)  # make the student by layer pruning (run does it first)
+    prune: PruneConfig = field(default_factory=PruneConfig)  # make the student by depth or width pruning (run does it first)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)  # which cached pairs are trained on; the rest: `dropped_pairs`
@@ -373,6 +375,13 @@ def _check_combinations(m: Manifest) -> list[str]:
                  for task in e.lmeval.data_files if task not in e.lmeval.tasks]
     if not 0 < m.prune.ratio < 1:
         problems.append(f"prune.ratio: must be in (0, 1), got {m.prune.ratio}")
+    if m.prune.method not in ("depth", "width"):
+        problems.append(f"prune.method: must be depth or width, got {m.prune.method!r}")
+    if not 0 <= m.prune.head_ratio < 1:
+        problems.append(f"prune.head_ratio: must be in [0, 1), got {m.prune.head_ratio}")
+    elif m.prune.head_ratio and m.prune.method != "width":
+        problems.append(f"prune.head_ratio: applies to prune.method width only, got {m.prune.head_ratio} with "
+                        f"{m.prune.method!r}")
     if m.engine.gpu_memory_utilization is not None and not 0 < m.engine.gpu_memory_utilization <= 1:
         problems.append(f"engine.gpu_memory_utilization: must be in (0, 1], got {m.engine.gpu_memory_utilization}")
     return problems + _trainer_problems("sft", m.sft) + _trainer_problems("train", m.train) + _loss_problems(m.train)

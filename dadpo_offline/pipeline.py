@@ -32,6 +32,13 @@ def with_reference(m: Manifest) -> Manifest:
     return dataclasses.replace(m, reference=sft)
 
 
+def describe_prune(r: dict) -> str:
+    if r.get("method") == "width":
+        return (f"{r['heads_before']} → {r['heads_after']} query heads, {r['intermediate_before']} → "
+                f"{r['intermediate_after']} MLP channels per layer; {r['params_before']:,} → {r['params_after']:,} parameters")
+    return f"{r['layers_before']} → {r['layers_after']} layers, removed {r['removed']}"
+
+
 def run_pipeline(m: Manifest) -> list[StepResult]:
     from .eval.run import evaluate
     from .precompute.run import precompute
@@ -45,8 +52,8 @@ def run_pipeline(m: Manifest) -> list[StepResult]:
                          "or run the steps one by one (precompute, train, eval)")
     scored = with_reference(m)
     work = {"prune": (lambda: prune_model(m.prune.source, m.prune.ratio, Path(m.student.model),
-                                          m.prune.calibration_prompts, chat_template=m.student.chat_template),
-                      lambda r: f"{r['layers_before']} → {r['layers_after']} layers, removed {r['removed']}"),
+                                          m.prune.calibration_prompts, chat_template=m.student.chat_template,
+                                          method=m.prune.method, head_ratio=m.prune.head_ratio), describe_prune),
             "generate": (lambda: precompute(m, stage="generate"), describe_precompute),
             "dsft": (lambda: train_sft(m), describe_training),
             "score": (lambda: precompute(scored, stage="score"), describe_precompute),

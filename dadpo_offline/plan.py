@@ -50,7 +50,8 @@ def plan(manifest: Manifest) -> dict:
         if m.student.model.startswith(EMBEDDED_PREFIX) or _hub_like(m.student.model):
             problems.append(f"student.model {m.student.model!r}: prune.source needs a local folder to write, "
                             "e.g. ../runs/NAME/student")
-        student = pruned(describe_model(m.prune.source, None, m.student.dtype, problems), m.prune.ratio)
+        student = pruned(describe_model(m.prune.source, None, m.student.dtype, problems), m.prune.ratio,
+                         m.prune.method)
         student["model"] = m.student.model
     else:
         student = describe_model(m.student.model, m.student.revision, m.student.dtype, problems)
@@ -122,7 +123,10 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
                  f"(judge: {judge}); answers and judgments cached", "memory": inference_memory(teacher, m, scoring=False)},
         "report": {"what": f"plots, report.md and report.html in {RunLayout.of(m).report}"}}
     if "source_info" in student:  # prune.source set and the student folder not made yet
-        parts["prune"] = {"model": "student", "what": f"drop {m.prune.ratio:.0%} of the decoder layers of "
+        what = (f"remove {m.prune.ratio:.0%} of every layer's MLP channels and head_ratio {m.prune.head_ratio:g} of "
+                "each KV-head group's query heads (width)" if m.prune.method == "width"
+                else f"drop {m.prune.ratio:.0%} of the decoder layers")
+        parts["prune"] = {"model": "student", "what": f"{what} of "
                           f"{m.prune.source}, ranked on {m.prune.calibration_prompts} built-in prompts, into "
                           f"{m.student.model}", "memory": prune_memory(student["source_info"])}
     for loss in losses:
@@ -218,18 +222,22 @@ def describe_model(reference: str, revision: str | None, dtype: str, problems: l
     return {"model": reference, "dtype": dtype, "kind": kind, **(_counted(config, where) if config else _fallback(reference))}
 
 
-def pruned(source: dict, ratio: float) -> dict:
-    """The student prune will make: the source with `ratio` of its decoder-layer parameters removed."""
+def pruned(source: dict, ratio: float, method: str = "depth") -> dict:
+    """The student prune will make: the source with about `ratio` of its decoder-layer parameters removed.
+
+    Width pruning keeps every layer and the hidden size, so its activation shapes stay the source's
+    (a safe over-estimate); its exact count depends on head_ratio and rounding, and prune.json holds it."""
     info = {"model": None, "dtype": source["dtype"], "kind": f"local folder, made by prune from {source['model']}",
             "source": source["model"], "source_info": source}
     if source["params"] is None:
         return {**info, "params": None, "layer_params": None, "params_from": "unknown"}
     layers = source["layer_params"] if source["layer_params"] is not None else source["params"]
-    shapes = source.get("shapes") and {**source["shapes"],
-                                       "num_hidden_layers": source["shapes"]["num_hidden_layers"] * (1 - ratio)}
+    shapes = source.get("shapes") and {**source["shapes"], "num_hidden_layers": source["shapes"]["num_hidden_layers"]
+                                       * (1 if method == "width" else 1 - ratio)}
+    how = "heads and MLP channels go; prune.json has the exact count" if method == "width" else "whole layers go"
     return {**info, "params": round(source["params"] - layers * ratio), "layer_params": round(layers * (1 - ratio)),
             "shapes": shapes, "params_from": f"≈ {source['model']} less {ratio:.0%} of its "
-            f"{'decoder-layer ' if source['layer_params'] is not None else ''}parameters (approximate: whole layers go)"}
+            f"{'decoder-layer ' if source['layer_params'] is not None else ''}parameters (approximate: {how})"}
 
 
 def count_prompts(config: PromptsConfig) -> dict:

@@ -33,8 +33,10 @@ def pipeline_steps(m: Manifest) -> list[Step]:
     steps = []
     if m.prune.source:
         template = f" --chat-template {m.student.chat_template}" if m.student.chat_template else ""
-        steps.append(Step("prune", ("prune",), f"dadpo-offline prune {m.prune.source} --ratio {m.prune.ratio} --out "
-                          f"{m.student.model} --calibration-prompts {m.prune.calibration_prompts}{template}"))
+        heads = f" --head-ratio {m.prune.head_ratio}" if m.prune.head_ratio else ""
+        steps.append(Step("prune", ("prune",), f"dadpo-offline prune {m.prune.source} --method {m.prune.method} "
+                          f"--ratio {m.prune.ratio}{heads} --out {m.student.model} "
+                          f"--calibration-prompts {m.prune.calibration_prompts}{template}"))
     steps += [Step("generate", ("prompts", "generate-student", "generate-teacher"),
                    "dadpo-offline precompute MANIFEST --stage generate   (prompts and both generations)"),
               Step("dsft", ("train-sft",), "dadpo-offline train MANIFEST --stage sft"),
