@@ -172,14 +172,43 @@ def inference_memory(info: dict, m: Manifest, scoring: bool) -> dict:
     return {"weights_gb": round(weights, 2), "total_gb": round(total, 2), "basis": basis}
 
 
+def lora_params(shapes: dict | None, rank: int, targets) -> int | None:
+    """Trainable parameters of a LoRA adapter, rank × (in + out) per adapted Linear, on a Llama-style
+    decoder; None when the shapes are unknown. Names other than the seven projections adapt nothing here."""
+    if not shapes:
+        return None
+    h, i, layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_hidden_layers"]
+    heads = shapes["num_attention_heads"]
+    head_dim = shapes.get("head_dim") or h // heads
+    kv = (shapes.get("num_key_value_heads") or heads) * head_dim
+    sizes = {"q_proj": h + heads * head_dim, "k_proj": h + kv, "v_proj": h + kv, "o_proj": heads * head_dim + h,
+             "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}  # in + out features
+    names = list(sizes) if targets == "all-linear" else [n for n in targets if n in sizes]
+    return round(layers * rank * sum(sizes[n] for n in names))
+
+
 def train_memory(info: dict, t: TrainerConfig, sequences: int, length: int) -> dict:
-    """Full fine-tuning, one GPU: 16 B/param of states, plus activations of one micro-batch (rough)."""
+    """One GPU: full fine-tuning holds 16 B/param of states; LoRA holds the frozen base (fp32, or 4-bit NF4
+    decoder layers with QLoRA) plus 16 B per adapter parameter; both plus activations of one micro-batch (rough)."""
     if info["params"] is None:
         return {"states_gb": None, "activations_gb": None, "total_gb": None, "basis": "unknown: no parameter count"}
-    states = info["params"] * TRAIN_BYTES_PER_PARAM / GB
+    if t.peft is None:
+        states = info["params"] * TRAIN_BYTES_PER_PARAM / GB
+        basis = (f"states {states:.1f} GB ({info['params'] / 1e9:.2f}B × {TRAIN_BYTES_PER_PARAM} B: fp32 weights, "
+                 "grads, 2 AdamW moments; FSDP over G GPUs divides it by G)")
+    else:
+        layers = info.get("layer_params") or 0
+        if t.peft.quantize:
+            frozen = (layers * 0.5 + (info["params"] - layers) * 4) / GB
+            how = f"decoder layers {layers / 1e9:.2f}B × 0.5 B (4-bit NF4), the rest × 4 B (fp32)"
+        else:
+            frozen, how = info["params"] * 4 / GB, f"{info['params'] / 1e9:.2f}B × 4 B, fp32, no grads or moments"
+        adapter = lora_params(info.get("shapes"), t.peft.rank, t.peft.target_modules)
+        states = frozen + (adapter or 0) * TRAIN_BYTES_PER_PARAM / GB
+        basis = (f"states {states:.1f} GB: frozen base {frozen:.1f} GB ({how}) + LoRA rank {t.peft.rank} adapter "
+                 + (f"{adapter / 1e6:.1f}M params × {TRAIN_BYTES_PER_PARAM} B" if adapter is not None
+                    else "(size unknown without the model's shapes)"))
     tokens = t.micro_batch_size * sequences * length
-    basis = (f"states {states:.1f} GB ({info['params'] / 1e9:.2f}B × {TRAIN_BYTES_PER_PARAM} B: fp32 weights, grads, "
-             "2 AdamW moments; FSDP over G GPUs divides it by G)")
     activations = None
     shapes = info.get("shapes")
     if shapes:

@@ -9,15 +9,18 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dadpo_offline.cache.index import open_cache
 from dadpo_offline.core.models import resolve_model
 from dadpo_offline.errors import TrainError
 from dadpo_offline.manifest import load_manifest
 from dadpo_offline.pipeline import with_reference
+from dadpo_offline.plan import KNOWN, lora_params
 from dadpo_offline.train.dpo import train_dadpo
 from dadpo_offline.train.sft import train_sft
 
+SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LORA = ["peft.rank=8", "peft.alpha=16", "peft.dropout=0", "batch_size=2", "micro_batch_size=2", "max_steps=2",
         "report_to=[]", "warmup_ratio=0", "lr_scheduler=constant", "save_steps=1"]
 
@@ -69,37 +72,22 @@ def test_lora_stages_write_an_adapter_and_a_merged_model(lora_run):
         resolved = resolve_model(str(folder))
         assert resolved.path == str(folder / "merged") and resolved.portable_name == stage
         assert json.loads((folder / "run.json").read_text())["peft"]["rank"] == 8
+        adapter = load_file(folder / "adapter_model.safetensors")  # what `run --dry-run` counts, by hand
+        assert sum(t.numel() for t in adapter.values()) == lora_params(KNOWN[SMOLLM2_HUB], 8, "all-linear") == 2_442_240
     config = json.loads((lora_run["base"] / "train" / "dadpo" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(lora_run["base"] / "train" / "sft" / "merged")  # stacked on dSFT
 
 
-def test_lora_dadpo_starts_at_the_reference_and_its_adapter_changes_the_answers(lora_run, smollm2_dir):
-    """Step 0: a fresh adapter (B = 0) on the merged dSFT student reproduces vLLM's cached reference
-    numbers; after two steps at a high rate the greedy answers differ from the dSFT student's."""
-    from dadpo_offline.core.engines import Request, TransformersEngine
-    from dadpo_offline.manifest import EngineConfig
-
+def test_lora_dadpo_starts_at_the_reference(lora_run):
+    """Step 0: a fresh adapter (B = 0) on the merged dSFT student reproduces vLLM's cached reference numbers."""
     step0 = lora_run["dadpo"]["step0"]
     assert step0["sequences"] == 8 and step0["token_mean"] < 1e-3  # vLLM fp32 vs transformers fp32
-    assert lora_run["dadpo"]["steps"] == 2
-    prompts = cached_sequences(lora_run["manifest"].cache_dir, 6)[::2]
-    eot = resolve_tokenizer_eot(smollm2_dir)
-    answers = {}
-    for stage in ("sft", "dadpo"):
-        engine = TransformersEngine(resolve_model(str(lora_run["base"] / "train" / stage)), "float32", EngineConfig(), eot)
-        answers[stage] = [c.token_ids for c in engine.generate([Request(p[:12], 0.0, 1.0, 16, 0) for p in prompts])]
-        engine.close()
-    assert answers["sft"] != answers["dadpo"]
+    assert lora_run["dadpo"]["steps"] == 2 and lora_run["sft"]["steps"] == 2
 
 
-def resolve_tokenizer_eot(directory):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory).eos_token_id
-
-
-def test_merged_models_equal_their_adapter_models_in_transformers_and_vllm(lora_run, smollm2_dir):
-    """base + adapter (peft) = merged/ (transformers) = merged/ (vLLM), within fp32 noise, for both stages."""
+def test_merged_models_equal_their_adapter_models_and_the_adapter_changes_the_answers(lora_run, smollm2_dir):
+    """base + adapter (peft) = merged/ (transformers) = merged/ (vLLM), within fp32 noise, for both stages;
+    the adapters moved the numbers, and daDPO's greedy answers differ from the dSFT student's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -109,27 +97,30 @@ def test_merged_models_equal_their_adapter_models_in_transformers_and_vllm(lora_
     train = lora_run["base"] / "train"
     sequences = cached_sequences(lora_run["manifest"].cache_dir, 4)
     starts = {"sft": smollm2_dir, "dadpo": train / "sft" / "merged"}
+    answers = {}
     for stage, start in starts.items():
         base = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
+        before = logps(base, sequences)
         adapted = PeftModel.from_pretrained(base, str(train / stage)).eval()
         merged = AutoModelForCausalLM.from_pretrained(train / stage / "merged", dtype=torch.float32).eval()
         with_adapter, from_merged = logps(adapted, sequences), logps(merged, sequences)
         for a, b in zip(with_adapter, from_merged):
             assert (a - b).abs().max().item() < 1e-4
-        moved = logps(AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval(), sequences)
-        assert max((a - b).abs().max().item() for a, b in zip(with_adapter, moved)) > 1e-2  # the adapter is not zero
-        if stage == "dadpo":
-            engine = VllmEngine(resolve_model(str(train / stage)), "float32", EngineConfig(), 2)
-            try:
-                scored = engine.score(sequences, [1] * len(sequences))
-            finally:
-                engine.close()
-            for a, v in zip(with_adapter, scored):
-                assert (a - torch.tensor(v)).abs().max().item() < 1e-3
-    # the dSFT reference vLLM scored in the cache is the adapter model's too
+        assert max((a - b).abs().max().item() for a, b in zip(with_adapter, before)) > 1e-2  # the adapter is not zero
+        with torch.no_grad():
+            answers[stage] = [merged.generate(torch.tensor([ids[:12]]), max_new_tokens=12, do_sample=False)[0].tolist()
+                              for ids in sequences[::2]]
+    assert answers["sft"] != answers["dadpo"]
+    engine = VllmEngine(resolve_model(str(train / "dadpo")), "float32", EngineConfig(), 2)
+    try:
+        scored = engine.score(sequences, [1] * len(sequences))
+    finally:
+        engine.close()
+    for a, v in zip(with_adapter, scored):  # the daDPO adapter model's numbers, from vLLM on merged/
+        assert (a - torch.tensor(v)).abs().max().item() < 1e-3
     with open_cache(lora_run["manifest"].cache_dir).connect(read_only=True) as con:
         (settings,) = con.execute("SELECT settings FROM stages WHERE stage = 'score-reference' AND active").fetchone()
-    assert json.loads(settings)["model"] == "sft"
+    assert json.loads(settings)["model"] == "sft"  # the cache's reference numbers came from vLLM on sft/merged
 
 
 def test_changing_the_rank_is_another_run(lora_run, small_cache):
