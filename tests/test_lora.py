@@ -132,3 +132,30 @@ def test_changing_the_rank_is_another_run(lora_run, small_cache):
     other = dataclasses.replace(m, sft=dataclasses.replace(m.sft, peft=dataclasses.replace(m.sft.peft, rank=4)))
     with pytest.raises(TrainError, match="holds checkpoints of a run with other peft"):
         train_sft(other, quiet=True)
+
+
+def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapter(tiny_cache, tmp_path):
+    """kill -9 at step 3 of 6 (checkpoint-2 holds the adapter, its optimiser and RNG), rerun: the final
+    adapter equals an uninterrupted run's; only adapter weights are ever saved. Tiny models, fast."""
+    import subprocess
+    import sys
+
+    from test_train import KILLER, RESUME_SETTINGS
+
+    lora = ["train.peft.rank=4", "train.peft.dropout=0"]
+    straight = train_dadpo(load_manifest(tiny_cache, RESUME_SETTINGS + lora + [f"train.output_dir={tmp_path / 'a'}"]),
+                           quiet=True)
+    killed = RESUME_SETTINGS + lora + [f"train.output_dir={tmp_path / 'b'}"]
+    proc = subprocess.run([sys.executable, "-c", KILLER, "dadpo", "step-3", str(tiny_cache), *killed],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "b" / "dadpo" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "b" / "dadpo").glob("checkpoint-2/model*.safetensors"))
+    resumed = train_dadpo(load_manifest(tiny_cache, killed), quiet=True)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 6
+    a = load_file(tmp_path / "b" / "dadpo" / "adapter_model.safetensors")
+    b = load_file(straight["output_dir"] + "/adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
