@@ -99,6 +99,10 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
         return (f"; {-(-n * samples // config.batch_size) * config.epochs:,} optimiser steps of {config.batch_size}"
                 if n else "")
 
+    def adapter(config) -> str:
+        p = config.peft
+        return f"; LoRA rank {p.rank}{' on a 4-bit base (QLoRA)' if p.quantize else ''}, adapter + merged/" if p else ""
+
     generate = lambda k: tokens(k, f"{k:,} max_tokens: an upper bound, answers stop at their end of turn")
     pair = (2 * p + tt + ts, f"2 × {p:,} prompt + {tt:,} + {ts:,} response tokens")
     losses = trained_losses(m)
@@ -109,7 +113,8 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
                              "memory": inference_memory(student, m, scoring=False)},
         "generate-teacher": {"model": "teacher", "what": "sample y_t (chosen)", **generate(tt),
                              "memory": inference_memory(teacher, m, scoring=False)},
-        "train-sft": {"model": "student", "what": f"dSFT on y_t → {sft_dir}, lr {m.sft.learning_rate:g}" + steps(m.sft),
+        "train-sft": {"model": "student", "what": f"dSFT on y_t → {sft_dir}, lr {m.sft.learning_rate:g}" + steps(m.sft)
+                      + adapter(m.sft),
                       **tokens(p + tt, f"{p:,} prompt + {tt:,} response tokens", m.sft.epochs),
                       "memory": train_memory(student, m.sft, sequences=1, length=m.prompts.max_prompt_tokens + tt)},
         "score-teacher": {"model": "teacher", "what": "log π_te of y_t and y_s, teacher's own tokenizer",
@@ -128,7 +133,7 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
     for loss in losses:
         beta1, beta2 = effective_betas(loss, t.beta1, t.beta2)
         parts[f"train-{loss}"] = {"model": "student", "what": f"{loss} from the dSFT student, β1={beta1:g}, β2={beta2:g}, "
-                                  f"lr {t.learning_rate:g}" + steps(t), **tokens(*pair, t.epochs),
+                                  f"lr {t.learning_rate:g}" + steps(t) + adapter(t), **tokens(*pair, t.epochs),
                                   "memory": train_memory(student, t, sequences=2,
                                                          length=m.prompts.max_prompt_tokens + max(tt, ts))}
     out = []

@@ -249,3 +249,4 @@ def test_lora_training_memory_holds_the_frozen_base_and_a_small_adapter(tmp_path
         assert full_states == pytest.approx(params * 16 / 1e9, abs=0.01)
         assert lora_states == pytest.approx((params * 4 + 18_464_768 * 16) / 1e9, abs=0.01)
         assert "LoRA rank 16 adapter 18.5M params" in stage(lora, name)["memory"]["basis"]
+        assert "LoRA rank 16, adapter + merged/" in stage(lora, name)["what"]
