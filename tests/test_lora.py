@@ -78,6 +78,16 @@ def test_lora_stages_write_an_adapter_and_a_merged_model(lora_run):
     assert config["base_model_name_or_path"] == str(lora_run["base"] / "train" / "sft" / "merged")  # stacked on dSFT
 
 
+def test_report_shows_each_stage_s_adapter_settings(lora_run):
+    from dadpo_offline.core.layout import RunLayout
+    from dadpo_offline.report import write_report
+
+    write_report(RunLayout.of(lora_run["manifest"]))
+    rows = [line for line in (lora_run["base"] / "report" / "report.md").read_text().splitlines()
+            if line.startswith("| peft |")]
+    assert len(rows) == 1 and rows[0].count('"rank": 8') == 2, rows  # sft and dadpo
+
+
 def test_lora_dadpo_starts_at_the_reference(lora_run):
     """Step 0: a fresh adapter (B = 0) on the merged dSFT student reproduces vLLM's cached reference numbers."""
     step0 = lora_run["dadpo"]["step0"]

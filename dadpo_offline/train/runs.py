@@ -184,13 +184,14 @@ def finished_run(output: Path, identity: dict, t: TrainerConfig, history_key: st
 def save_final(trainer, tokenizer, manifest: Manifest, t: TrainerConfig, output: Path, card: dict,
                train_loss: float, start: ResolvedModel) -> None:
     """Model (LoRA: adapter + merged/) + tokenizer (with chat template) + training log + resolved manifest +
-    model card, in the stage folder; trainer_state.json last, as it marks the run finished."""
+    model card, in the stage folder."""
     if trainer.is_world_process_zero():
         clear_other_kind(output, lora=t.peft is not None)
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
         if t.peft is not None:
             save_merged(start, output, tokenizer)
+            card = card | {"library": "peft"}
         state = dataclasses.asdict(trainer.state) | {"requested_max_steps": t.max_steps,
                                                      "train_loss": train_loss}
         (output / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")  # `report` plots it
@@ -201,7 +202,7 @@ def save_final(trainer, tokenizer, manifest: Manifest, t: TrainerConfig, output:
 
 
 def write_card(output: Path, card: dict) -> None:
-    lines = ["---", "library_name: transformers", "tags: [dadpo-offline, " + card["stage"] + "]", "---", "",
+    lines = ["---", f"library_name: {card.get('library', 'transformers')}", "tags: [dadpo-offline, " + card["stage"] + "]", "---", "",
              f"# {card['title']}", "", card["summary"], "",
              f"Written by dadpo-offline on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
              "## Data", "", "```yaml", yaml.safe_dump(card["data"], sort_keys=False).rstrip(), "```", "",
