@@ -17,13 +17,16 @@ and is not timed):
          what daDPO costs without a cache.
   live   TRL-style DPO: our Trainer, but the reference log-probs come from a resident reference
          copy scored every step (no teacher), as DPOTrainer does without precomputation.
+  lora   `ours` with a LoRA student (train.peft: rank 16, alpha 32, dropout 0.05, all-linear):
+         the same loss and batches, only the adapter trained, the base frozen.
 
 Reported: the fastest step's seconds per 1,000 tokens (batches differ slightly in length: ours
 shuffles the same pool with the Trainer's seeded sampler; the minimum over steps and --rounds
 resists other jobs' load on a shared machine), peak memory (CUDA max allocated on GPUs, peak RSS on
 CPUs), and the ratios the issue asks for:
   (a) ours ÷ bare time (target ≤ 1.05); (b) ours ÷ naive memory, and ours ÷ policy-only memory
-  (the cache may add ≤ 5% over policy-only training); (c) ours ÷ live time.
+  (the cache may add ≤ 5% over policy-only training); (c) ours ÷ live time; and LoRA ÷ full
+  fine-tuning (lora ÷ ours), step time and peak memory.
 Results on stdout; progress on stderr.
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("VL
                      ("TOKENIZERS_PARALLELISM", "false")):
     os.environ.setdefault(_key, _value)
 
-CONFIGS = ["bare", "policy", "ours", "naive", "live"]
+CONFIGS = ["bare", "policy", "ours", "naive", "live", "lora"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,6 +92,11 @@ def run_child(config: str, cache_dir: str, pairs: int, steps: int) -> dict:
     rows = load_pairs(cache_dir, limit=(steps + 1) * pairs)
     reference, teacher = cached_models(cache_dir)
     policy, tokenizer, _ = load_causal_lm(reference)
+    if config == "lora":
+        from dadpo_offline.manifest import PeftConfig
+        from dadpo_offline.train.lora import attach_adapter
+
+        policy = attach_adapter(policy, PeftConfig(rank=16, alpha=32.0, dropout=0.05), False, 0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = PairCollator(pad)
     batches = [collate([{**r, "index": k * pairs + i} for i, r in enumerate(rows[k * pairs:(k + 1) * pairs])])
@@ -162,8 +170,9 @@ def run_child(config: str, cache_dir: str, pairs: int, steps: int) -> dict:
                                  report_to="none", remove_unused_columns=False, disable_tqdm=True,
                                  dataloader_pin_memory=device.type == "cuda", bf16=False, seed=0)
         trainer = trainer_cls(model=policy, args=args, train_dataset=RowDataset(rows), data_collator=counting_collate,
-                              anchors=rows.anchors(), loss_name="dadpo" if config == "ours" else "ddpo", beta1=beta1,
-                              beta2=beta2 if config == "ours" else 0.0, callbacks=[FiniteGradients(), Clock()])
+                              anchors=rows.anchors(), loss_name="dadpo" if config in ("ours", "lora") else "ddpo",
+                              beta1=beta1, beta2=beta2 if config in ("ours", "lora") else 0.0,
+                              callbacks=[FiniteGradients(), Clock()])
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         tokens = seen
@@ -189,6 +198,8 @@ def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
 
     from dadpo_offline.train.data import PairCollator, RowDataset, load_pairs
     from dadpo_offline.train.dpo import DadpoTrainer, FiniteGradients
+    from dadpo_offline.manifest import PeftConfig
+    from dadpo_offline.train.lora import attach_adapter
     from dadpo_offline.train.runs import load_causal_lm
 
     torch.manual_seed(0)
@@ -209,7 +220,12 @@ def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
                                              data_collator=PairCollator(pad), anchors=rows.anchors(), loss_name="dadpo",
                                              beta1=0.1, beta2=0.01)
     optimizer = trainer.create_optimizer()  # one optimiser for both Trainer paths, stepped below
-    for which in (trainer, live):
+    lora_policy = attach_adapter(load_causal_lm(reference)[0], PeftConfig(rank=16, alpha=32.0, dropout=0.05), False, 0)
+    lora_policy.to(device).train()
+    lora = DadpoTrainer(model=lora_policy, args=args, train_dataset=RowDataset(rows), data_collator=PairCollator(pad),
+                        anchors=rows.anchors(), loss_name="dadpo", beta1=0.1, beta2=0.01)
+    lora_optimizer = lora.create_optimizer()  # the adapter's parameters only
+    for which in (trainer, live, lora):
         which.current_gradient_accumulation_steps = 1  # set by the Trainer loop, which this bypasses
     cached = rows.anchors().to(device)
     adamw = torch.optim.AdamW(policy.parameters(), lr=1e-6)
@@ -236,8 +252,15 @@ def run_interleaved(cache_dir: str, pairs: int, rounds: int) -> dict:
         optimizer.step()
         policy.zero_grad(set_to_none=True)
 
+    def lora_step():
+        lora.training_step(lora_policy, batch)
+        torch.nn.utils.clip_grad_norm_([p for p in lora_policy.parameters() if p.requires_grad], 1.0)
+        check.on_pre_optimizer_step(args, TrainerState(), TrainerControl(), model=lora_policy)
+        lora_optimizer.step()
+        lora_policy.zero_grad(set_to_none=True)
+
     steps = {"bare": lambda: hand_step(False), "ours": lambda: trainer_step(trainer),
-             "naive": lambda: hand_step(True), "live": lambda: trainer_step(live)}
+             "naive": lambda: hand_step(True), "live": lambda: trainer_step(live), "lora": lora_step}
     times: dict[str, list[float]] = {k: [] for k in steps}
     for round_ in range(rounds + 1):  # round 0 warms up every path
         for name, step in steps.items():
@@ -297,11 +320,12 @@ def main() -> None:
         t = run_interleaved(args.cache_dir, args.pairs, args.interleave)
         print(f"interleaved step times, median of {t['rounds']} rounds, {args.pairs} pairs = {t['tokens']} tokens, "
               f"{t['device']}:")
-        for name in ("bare", "ours", "naive", "live"):
+        for name in ("bare", "ours", "naive", "live", "lora"):
             print(f"  {name:<6} {t[name]:.3f} s")
         print(f"(a) ours / bare time        {t['ours'] / t['bare']:.3f}  (target <= 1.05)")
         print(f"(c) ours / live-ref time    {t['ours'] / t['live']:.3f}")
         print(f"    naive / bare time       {t['naive'] / t['bare']:.3f}")
+        print(f"    lora / ours time        {t['lora'] / t['ours']:.3f}  (LoRA vs full fine-tuning)")
         return
     results: dict[str, dict] = {}
     for round_ in range(args.rounds):  # rounds interleave the configs, so load drift hits them all
@@ -328,6 +352,8 @@ def main() -> None:
     print(f"    ours / policy time      {ratio('ours', 'policy', 's_per_1k_tokens'):.3f}")
     print(f"(c) ours / live-ref time    {ratio('ours', 'live', 's_per_1k_tokens'):.3f}")
     print(f"    naive / bare time       {ratio('naive', 'bare', 's_per_1k_tokens'):.3f}")
+    print(f"    lora / ours time        {ratio('lora', 'ours', 's_per_1k_tokens'):.3f}  (LoRA vs full fine-tuning)")
+    print(f"    lora / ours memory      {ratio('lora', 'ours', 'peak_mib'):.3f}")
 
 
 if __name__ == "__main__":

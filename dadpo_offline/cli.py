@@ -139,12 +139,14 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
     Only the student policy (and its optimiser) is in memory: reference and teacher log-probs are
     read from the cache. Rerun the same command after a crash to resume from the last checkpoint.
     Each stage has its own settings (sft.* and train.*) and its own run identity.
+    A LoRA student: --set sft.peft.rank=16 (or train.peft.*); the stage writes the adapter and merged/.
     Multi-GPU: accelerate launch --config_file manifests/accelerate_fsdp.yaml -m dadpo_offline train ...
 
     \b
     Example:
       dadpo-offline train manifests/demo.yaml --stage sft
       dadpo-offline train manifests/demo.yaml --stage dadpo --loss dadpo --beta1 0.1 --beta2 0.01
+      dadpo-offline train manifests/demo.yaml --stage sft --set sft.peft.rank=16
     """
     import json
 

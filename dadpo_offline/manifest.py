@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -81,6 +81,16 @@ class PairsConfig:
 
 
 @dataclass(frozen=True)
+class PeftConfig:
+    """A LoRA adapter trained through `peft` on a frozen base (QLoRA: the base loaded in 4 bits)."""
+    rank: int = 16  # LoRA rank r: trainable parameters grow linearly with it
+    alpha: float = 32.0  # scale alpha / rank on the adapter's output (peft's lora_alpha)
+    dropout: float = 0.05  # dropout on the adapter's input while training
+    target_modules: Union[str, list[str]] = "all-linear"  # module names (q_proj, ...) or all-linear (every Linear but the output head)
+    quantize: Optional[Literal["4bit"]] = None  # QLoRA: the frozen base in 4-bit NF4 via bitsandbytes (a CUDA GPU only)
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     """What both training stages give the Trainer; each stage has its own copy and its own run identity."""
     learning_rate: float = 5e-7
@@ -100,6 +110,7 @@ class TrainerConfig:
     logging_steps: int = 1  # metrics every N steps (loss, margins, rewards, tokens/s)
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # Trainer integrations; [] for none
     resume: bool = True  # rerunning a stage continues from its newest checkpoint
+    peft: Optional[PeftConfig] = None  # train a LoRA adapter (output: adapter + merged/ model) instead of every weight
 
 
 @dataclass(frozen=True)
@@ -313,7 +324,12 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, key, problems)
+        for option in inner[:-1]:  # Union[str, list[str]]: the first type the value fits
+            tried: list[str] = []
+            converted = _convert(option, value, key, tried)
+            if not tried:
+                return converted
+        return _convert(inner[-1], value, key, problems)
     if origin is Literal:
         if value not in args:
             problems.append(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -401,6 +417,31 @@ def _trainer_problems(section: str, t: TrainerConfig) -> list[str]:
     if t.micro_batch_size >= 1 and t.batch_size % min(t.micro_batch_size, t.batch_size):
         problems.append(f"{section}.batch_size={t.batch_size} is not a multiple of {section}.micro_batch_size="
                         f"{t.micro_batch_size}")
+    return problems + (_peft_problems(f"{section}.peft", t.peft) if t.peft else [])
+
+
+def _peft_problems(key: str, p: PeftConfig) -> list[str]:
+    problems = []
+    if p.rank < 1:
+        problems.append(f"{key}.rank must be >= 1, got {p.rank}")
+    if not p.alpha > 0:
+        problems.append(f"{key}.alpha must be > 0, got {p.alpha}")
+    if not 0 <= p.dropout < 1:
+        problems.append(f"{key}.dropout must be in [0, 1), got {p.dropout}")
+    if isinstance(p.target_modules, str) and p.target_modules != "all-linear":
+        problems.append(f"{key}.target_modules must be a list of module names or 'all-linear', got {p.target_modules!r}")
+    if isinstance(p.target_modules, list) and not p.target_modules:
+        problems.append(f"{key}.target_modules is empty: name at least one module, or 'all-linear'")
+    if p.quantize is not None:
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"{key}.quantize={p.quantize} (QLoRA) needs a CUDA GPU and there is none: remove it "
+                            "to train LoRA on the unquantized base")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"{key}.quantize={p.quantize} (QLoRA) needs bitsandbytes: pip install 'dadpo-offline[gpu]'")
     return problems
 
 

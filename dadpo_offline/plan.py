@@ -100,6 +100,10 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
         return (f"; {-(-n * samples // config.batch_size) * config.epochs:,} optimiser steps of {config.batch_size}"
                 if n else "")
 
+    def adapter(config) -> str:
+        p = config.peft
+        return f"; LoRA rank {p.rank}{' on a 4-bit base (QLoRA)' if p.quantize else ''}, adapter + merged/" if p else ""
+
     generate = lambda k: tokens(k, f"{k:,} max_tokens: an upper bound, answers stop at their end of turn")
     pair = (2 * p + tt + ts, f"2 × {p:,} prompt + {tt:,} + {ts:,} response tokens")
     losses = trained_losses(m)
@@ -110,7 +114,8 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
                              "memory": inference_memory(student, m, scoring=False)},
         "generate-teacher": {"model": "teacher", "what": "sample y_t (chosen)", **generate(tt),
                              "memory": inference_memory(teacher, m, scoring=False)},
-        "train-sft": {"model": "student", "what": f"dSFT on y_t → {sft_dir}, lr {m.sft.learning_rate:g}" + steps(m.sft),
+        "train-sft": {"model": "student", "what": f"dSFT on y_t → {sft_dir}, lr {m.sft.learning_rate:g}" + steps(m.sft)
+                      + adapter(m.sft),
                       **tokens(p + tt, f"{p:,} prompt + {tt:,} response tokens", m.sft.epochs),
                       "memory": train_memory(student, m.sft, sequences=1, length=m.prompts.max_prompt_tokens + tt)},
         "score-teacher": {"model": "teacher", "what": "log π_te of y_t and y_s, teacher's own tokenizer",
@@ -132,7 +137,7 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
     for loss in losses:
         beta1, beta2 = effective_betas(loss, t.beta1, t.beta2)
         parts[f"train-{loss}"] = {"model": "student", "what": f"{loss} from the dSFT student, β1={beta1:g}, β2={beta2:g}, "
-                                  f"lr {t.learning_rate:g}" + steps(t), **tokens(*pair, t.epochs),
+                                  f"lr {t.learning_rate:g}" + steps(t) + adapter(t), **tokens(*pair, t.epochs),
                                   "memory": train_memory(student, t, sequences=2,
                                                          length=m.prompts.max_prompt_tokens + max(tt, ts))}
     out = []
@@ -176,14 +181,43 @@ def inference_memory(info: dict, m: Manifest, scoring: bool) -> dict:
     return {"weights_gb": round(weights, 2), "total_gb": round(total, 2), "basis": basis}
 
 
+def lora_params(shapes: dict | None, rank: int, targets) -> int | None:
+    """Trainable parameters of a LoRA adapter, rank × (in + out) per adapted Linear, on a Llama-style
+    decoder; None when the shapes are unknown. Names other than the seven projections adapt nothing here."""
+    if not shapes:
+        return None
+    h, i, layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_hidden_layers"]
+    heads = shapes["num_attention_heads"]
+    head_dim = shapes.get("head_dim") or h // heads
+    kv = (shapes.get("num_key_value_heads") or heads) * head_dim
+    sizes = {"q_proj": h + heads * head_dim, "k_proj": h + kv, "v_proj": h + kv, "o_proj": heads * head_dim + h,
+             "gate_proj": h + i, "up_proj": h + i, "down_proj": i + h}  # in + out features
+    names = list(sizes) if targets == "all-linear" else [n for n in targets if n in sizes]
+    return round(layers * rank * sum(sizes[n] for n in names))
+
+
 def train_memory(info: dict, t: TrainerConfig, sequences: int, length: int) -> dict:
-    """Full fine-tuning, one GPU: 16 B/param of states, plus activations of one micro-batch (rough)."""
+    """One GPU: full fine-tuning holds 16 B/param of states; LoRA holds the frozen base (fp32, or 4-bit NF4
+    decoder layers with QLoRA) plus 16 B per adapter parameter; both plus activations of one micro-batch (rough)."""
     if info["params"] is None:
         return {"states_gb": None, "activations_gb": None, "total_gb": None, "basis": "unknown: no parameter count"}
-    states = info["params"] * TRAIN_BYTES_PER_PARAM / GB
+    if t.peft is None:
+        states = info["params"] * TRAIN_BYTES_PER_PARAM / GB
+        basis = (f"states {states:.1f} GB ({info['params'] / 1e9:.2f}B × {TRAIN_BYTES_PER_PARAM} B: fp32 weights, "
+                 "grads, 2 AdamW moments; FSDP over G GPUs divides it by G)")
+    else:
+        layers = info.get("layer_params") or 0
+        if t.peft.quantize:
+            frozen = (layers * 0.5 + (info["params"] - layers) * 4) / GB
+            how = f"decoder layers {layers / 1e9:.2f}B × 0.5 B (4-bit NF4), the rest × 4 B (fp32)"
+        else:
+            frozen, how = info["params"] * 4 / GB, f"{info['params'] / 1e9:.2f}B × 4 B, fp32, no grads or moments"
+        adapter = lora_params(info.get("shapes"), t.peft.rank, t.peft.target_modules)
+        states = frozen + (adapter or 0) * TRAIN_BYTES_PER_PARAM / GB
+        basis = (f"states {states:.1f} GB: frozen base {frozen:.1f} GB ({how}) + LoRA rank {t.peft.rank} adapter "
+                 + (f"{adapter / 1e6:.1f}M params × {TRAIN_BYTES_PER_PARAM} B" if adapter is not None
+                    else "(size unknown without the model's shapes)"))
     tokens = t.micro_batch_size * sequences * length
-    basis = (f"states {states:.1f} GB ({info['params'] / 1e9:.2f}B × {TRAIN_BYTES_PER_PARAM} B: fp32 weights, grads, "
-             "2 AdamW moments; FSDP over G GPUs divides it by G)")
     activations = None
     shapes = info.get("shapes")
     if shapes:

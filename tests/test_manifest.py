@@ -104,3 +104,31 @@ def test_manifest_checks_every_setting_it_alone_can_show_wrong():
                      "eval.winrate.limit: must be >= 1, got 0", "sft.learning_rate must be > 0, got 0",
                      "eval.lmeval.data_files.ifeval: ifeval is not in eval.lmeval.tasks"):
         assert expected in message
+
+
+def test_peft_sections_load_per_stage_and_round_trip(tmp_path):
+    """`sft.peft` and `train.peft` are independent; target_modules is a list of names or the one string all-linear."""
+    m = load_manifest(None, ["sft.peft.rank=8", "train.peft={}", "train.peft.target_modules=[q_proj, v_proj]"])
+    assert (m.sft.peft.rank, m.sft.peft.target_modules) == (8, "all-linear")
+    assert (m.train.peft.rank, m.train.peft.target_modules) == (16, ["q_proj", "v_proj"])
+    assert load_manifest(None).sft.peft is None
+    write_resolved(m, tmp_path / "resolved.yaml")
+    assert load_manifest(tmp_path / "resolved.yaml") == m
+
+
+def test_peft_settings_are_checked_at_load_one_line_naming_each_key():
+    """This machine has no CUDA GPU, so QLoRA (quantize: 4bit) is refused at load, not after phase one."""
+    import torch
+
+    assert not torch.cuda.is_available()
+    with pytest.raises(ManifestError) as error:
+        load_manifest(None, ["sft.peft.rank=0", "sft.peft.alpha=0", "train.peft.dropout=1",
+                             "train.peft.target_modules=attention", "train.peft.quantize=4bit"])
+    message = str(error.value)
+    assert "\n" not in message
+    for expected in ("sft.peft.rank must be >= 1, got 0", "sft.peft.alpha must be > 0, got 0",
+                     "train.peft.dropout must be in [0, 1), got 1", "train.peft.target_modules must be a list of "
+                     "module names or 'all-linear', got 'attention'", "train.peft.quantize=4bit (QLoRA) needs a CUDA GPU"):
+        assert expected in message
+    with pytest.raises(ManifestError, match="sft.peft.target_modules: expected a list, got int"):
+        load_manifest(None, ["sft.peft.target_modules=3"])

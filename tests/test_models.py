@@ -115,3 +115,30 @@ def test_weights_digest_reads_every_byte_of_the_weights_and_nothing_else(tiny_st
     assert weights_digest(model) == edited
     os.utime(model / "model.safetensors")  # touched: read again
     assert weights_digest(model) != edited
+
+
+def test_a_lora_folder_resolves_to_its_merged_model_and_its_identity_covers_both(tiny_student, tmp_path, monkeypatch):
+    """A LoRA stage folder (adapter_config.json, no config.json) hands engines its merged/ model; its
+    revision changes with the adapter's bytes and with the merged weights; it is named by its own folder."""
+    import shutil
+
+    from dadpo_offline.core.models import is_model_folder
+
+    monkeypatch.setenv("DADPO_OFFLINE_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(b"adapter one")
+    assert not is_model_folder(folder)
+    with pytest.raises(ModelError, match=r"LoRA adapter folder .* has no merged/ model"):
+        resolve_model(str(folder))
+    shutil.copytree(tiny_student, folder / "merged")
+    first = resolve_model(str(folder))
+    assert is_model_folder(folder) and first.path == str(folder / "merged") and first.portable_name == "sft"
+    (folder / "adapter_model.safetensors").write_bytes(b"adapter two")
+    second = resolve_model(str(folder))
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    third = resolve_model(str(folder))
+    (folder / "merged" / "config.json").write_text((folder / "merged" / "config.json").read_text().replace("64", "65", 1))
+    fourth = resolve_model(str(folder))
+    assert len({first.revision, second.revision, third.revision, fourth.revision}) == 4

@@ -231,3 +231,22 @@ def test_a_missing_chat_template_file_is_a_plan_problem(no_models, tmp_path):
     vicuna = ROOT / "manifests" / "vicuna7b_pruned.yaml"
     with pytest.raises(ManifestError, match="teacher.chat_template: .*nowhere.jinja not found"):
         plan(load_manifest(vicuna, [f"teacher.chat_template={tmp_path / 'nowhere.jinja'}"]))
+
+
+def test_lora_training_memory_holds_the_frozen_base_and_a_small_adapter(tmp_path, no_models):
+    """Qwen2.5-1.5B, LoRA rank 16 on every projection: 28 layers × 16 × (in + out) summed over q, k, v, o
+    (3,072 + 1,792 + 1,792 + 3,072) and gate, up, down (3 × 10,496) = 18,464,768 adapter parameters."""
+    from dadpo_offline.plan import lora_params
+
+    assert lora_params(KNOWN["Qwen/Qwen2.5-1.5B-Instruct"], 16, "all-linear") == 18_464_768
+    assert lora_params(KNOWN["Qwen/Qwen2.5-1.5B-Instruct"], 16, ["q_proj", "v_proj"]) == 28 * 16 * (3072 + 1792)
+    base = "student: {model: Qwen/Qwen2.5-1.5B-Instruct}\nteacher: {model: Qwen/Qwen2.5-7B-Instruct}\n"
+    full = plan(load_manifest(write(tmp_path, base)))
+    lora = plan(load_manifest(write(tmp_path, base + "sft: {peft: {rank: 16}}\ntrain: {peft: {rank: 16}}\n")))
+    for name in ("train-sft", "train-dadpo"):
+        full_states, lora_states = (stage(p, name)["memory"]["states_gb"] for p in (full, lora))
+        params = full["models"]["student"]["params"]
+        assert full_states == pytest.approx(params * 16 / 1e9, abs=0.01)
+        assert lora_states == pytest.approx((params * 4 + 18_464_768 * 16) / 1e9, abs=0.01)
+        assert "LoRA rank 16 adapter 18.5M params" in stage(lora, name)["memory"]["basis"]
+        assert "LoRA rank 16, adapter + merged/" in stage(lora, name)["what"]

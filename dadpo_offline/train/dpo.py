@@ -1,7 +1,7 @@
 """`dadpo-offline train --stage dadpo`: daDPO / dDPO / rDPO from the cache, only the policy in memory.
 
 Recipe: read pairs from the cache → load the policy (the dSFT reference by
-default) → step-0 check against the cached reference log-probs → Trainer loop (resuming from
+default; with `train.peft`, a fresh LoRA adapter on it) → step-0 check against the cached reference log-probs → Trainer loop (resuming from
 the newest checkpoint) → save model, tokenizer, manifest and model card.
 
 The Trainer subclass overrides only public methods: `compute_loss` (policy sequence log-probs
@@ -147,12 +147,13 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     init = t.init_model or manifest.reference_model.model
     revision = None if t.init_model else manifest.reference_model.revision
     data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
-    identity = run_identity(t.loss, data, resolve_model(init, revision), t)
+    start = resolve_model(init, revision)  # a LoRA dSFT folder: its merged model, base + dSFT adapter
+    identity = run_identity(t.loss, data, start, t)
     done = finished_run(output, identity, t, "rewards/margins")
     if done:
         return done | {"step0": None}
     pairs = load_pairs(manifest.cache_dir)
-    model, tokenizer, resolved = load_causal_lm(init, revision)
+    model, tokenizer, _ = load_causal_lm(init, revision, t)  # with train.peft: a fresh adapter on it
     vocab = model.get_input_embeddings().weight.shape[0]
     top = pairs.max_token_id()
     if top >= vocab:
@@ -178,7 +179,7 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
                        "responses, rejected = student responses; reference and teacher log-probs read from the cache.",
             "data": {"cache_dir": manifest.cache_dir, "pairs": len(pairs), "split": "train"},
             "settings": card_settings("train", t), "metrics": history[-1] if history else {}}
-    save_final(trainer, tokenizer, manifest, t, output, card, train_loss)
+    save_final(trainer, tokenizer, manifest, t, output, card, train_loss, start)
     return {"output_dir": str(output), "steps": trainer.state.global_step, "pairs": len(pairs),
             "train_loss": train_loss, "resumed_from": resume_from,
             "step0": report.__dict__ if report else None, "history": history}

@@ -2,7 +2,8 @@
 
 A stage's output folder holds `checkpoint-N/` folders while it runs (the unit of resume) and,
 at the end, a plain Hugging Face model directory (safetensors, tokenizer, chat template), the
-resolved manifest and a model card, so the result loads with transformers and vLLM as is.
+resolved manifest and a model card, so the result loads with transformers and vLLM as is. A LoRA
+stage (`peft:` set) holds the adapter there instead, and the merged model in `merged/` (lora.py).
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from transformers import TrainerCallback
 
 from ..errors import ModelError, TrainError
 from ..files import apply_umask
-from ..manifest import Manifest, TrainerConfig, write_resolved
+from ..manifest import Manifest, PeftConfig, TrainerConfig, write_resolved
 from ..core.models import ResolvedModel, resolve_model
+from .lora import attach_adapter, clear_other_kind, quantized_base_kwargs, save_merged
 
 
 def world_size() -> int:
@@ -51,16 +53,21 @@ def training_arguments(t: TrainerConfig, output: Path, section: str):
         save_only_model=False)
 
 
-def load_causal_lm(reference: str, revision: str | None = None):
+def load_causal_lm(reference: str, revision: str | None = None, t: TrainerConfig | None = None):
+    """The stage's start model in fp32 (QLoRA: its frozen base in 4 bits), with a fresh LoRA adapter when
+    `t.peft` is set, its tokenizer, and what it resolved to."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = resolve_model(reference, revision)
+    peft: PeftConfig | None = t.peft if t is not None else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.path, revision=model.load_revision)
         lm = AutoModelForCausalLM.from_pretrained(model.path, revision=model.load_revision,
-                                                  dtype=torch.float32)
+                                                  dtype=torch.float32, **quantized_base_kwargs(peft))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {reference} for training: {str(exc).splitlines()[0]}") from exc
+    if peft is not None:
+        lm = attach_adapter(lm, peft, t.gradient_checkpointing, t.seed)
     return lm, tokenizer, model
 
 
@@ -175,10 +182,16 @@ def finished_run(output: Path, identity: dict, t: TrainerConfig, history_key: st
 
 
 def save_final(trainer, tokenizer, manifest: Manifest, t: TrainerConfig, output: Path, card: dict,
-               train_loss: float) -> None:
-    """Model + tokenizer (with chat template) + training log + resolved manifest + model card, in the stage folder."""
+               train_loss: float, start: ResolvedModel) -> None:
+    """Model (LoRA: adapter + merged/) + tokenizer (with chat template) + training log + resolved manifest +
+    model card, in the stage folder."""
+    if trainer.is_world_process_zero():
+        clear_other_kind(output, lora=t.peft is not None)
     trainer.save_model(str(output))
     if trainer.is_world_process_zero():
+        if t.peft is not None:
+            save_merged(start, output, tokenizer)
+            card = card | {"library": "peft"}
         state = dataclasses.asdict(trainer.state) | {"requested_max_steps": t.max_steps,
                                                      "train_loss": train_loss}
         (output / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")  # `report` plots it
@@ -189,7 +202,7 @@ def save_final(trainer, tokenizer, manifest: Manifest, t: TrainerConfig, output:
 
 
 def write_card(output: Path, card: dict) -> None:
-    lines = ["---", "library_name: transformers", "tags: [dadpo-offline, " + card["stage"] + "]", "---", "",
+    lines = ["---", f"library_name: {card.get('library', 'transformers')}", "tags: [dadpo-offline, " + card["stage"] + "]", "---", "",
              f"# {card['title']}", "", card["summary"], "",
              f"Written by dadpo-offline on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", "",
              "## Data", "", "```yaml", yaml.safe_dump(card["data"], sort_keys=False).rstrip(), "```", "",

@@ -5,8 +5,8 @@ cross-entropy on response tokens only (prompt and padding labelled −100), in t
 chat template, on token ids from the cache (see `data.load_sft_examples`).
 
 Recipe: read teacher responses → load the student → Trainer loop (resuming
-from the newest checkpoint) → save a Hugging Face model directory with tokenizer, chat template,
-resolved manifest and model card. Next: point the manifest's `reference:` at it and rescore.
+from the newest checkpoint) → save a Hugging Face model directory (with `sft.peft`: a LoRA adapter and
+its merged model, see lora.py) with tokenizer, chat template, resolved manifest and model card. Next: point the manifest's `reference:` at it and rescore.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
         return done
     fmt = load_chat_format(student, manifest.student.end_of_turn, manifest.student.chat_template)
     examples = load_sft_examples(manifest.cache_dir, fmt)  # before the weights: a damaged cache fails fast
-    model, tokenizer, _ = load_causal_lm(manifest.student.model, manifest.student.revision)
+    model, tokenizer, _ = load_causal_lm(manifest.student.model, manifest.student.revision, t)
     tokenizer.chat_template = fmt.tokenizer.chat_template  # saved with the model: the reference needs its template
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.end_of_turn_id
     args = training_arguments(t, output, "sft")
@@ -55,6 +55,6 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
                      "response_tokens": tokens, "split": "train"},
             "settings": card_settings("sft", t),
             "metrics": history[-1] if history else {}}
-    save_final(trainer, tokenizer, manifest, t, output, card, train_loss)
+    save_final(trainer, tokenizer, manifest, t, output, card, train_loss, student)
     return {"output_dir": str(output), "steps": trainer.state.global_step, "examples": len(examples),
             "train_loss": train_loss, "resumed_from": resume_from, "history": history}
