@@ -62,7 +62,7 @@ MERGED = "merged"  # the merged model's folder inside a LoRA stage's adapter fol
 
 
 def is_adapter_folder(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+    return not (path / "config.json").is_file() and (path / "adapter_config.json").is_file()
 
 
 def is_model_folder(path: Path) -> bool:
