@@ -201,6 +201,21 @@ def judge_server(smollm2_dir, tmp_path_factory):
         yield {"base_url": judge.base_url, "model": judge.model}
 
 
+def vllm_greedy_answer(folder, messages) -> list[int]:
+    """The token ids vLLM (CPU, fp32) generates greedily for `messages` from the model folder: proof it loads."""
+    import gc
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(folder), dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
+    try:
+        [result] = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        return list(result.outputs[0].token_ids)
+    finally:
+        del llm
+        gc.collect()
+
+
 def as_another_user(*args):
     """`dadpo-offline ARGS` as a real second user: nobody, in a forked child, when the tests run as
     root (root reads everything); else this user. Returns (exit code, output)."""

@@ -88,7 +88,6 @@ def test_weights_digest_reads_every_byte_of_the_weights_and_nothing_else(tiny_st
     did not); re-saved bookkeeping does not; a file is read once, then known by size and mtime."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setenv("DADPO_OFFLINE_HOME", str(tmp_path / "home"))

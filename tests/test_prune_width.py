@@ -6,7 +6,6 @@ The rule: MLP keeps round(1536 x 0.8 / 8) x 8 = 154 x 8 = 1232 channels (304 go)
 3 x 576 x 304 = 525,312 MLP weights (gate and up rows, down columns) plus 2 x 576 x 64 x 3 =
 221,184 attention weights (query rows, output columns): 746,496 per layer, 22,394,880 in all.
 """
-import gc
 import json
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import vllm_greedy_answer
 from dadpo_offline.cli import main
 from dadpo_offline.core.steps import pipeline_steps
 from dadpo_offline.errors import InputError, ManifestError
@@ -75,16 +75,8 @@ def test_width_pruned_model_equals_the_original_with_those_parts_silenced(width_
 
 
 def test_vllm_serves_the_width_pruned_folder(width_pruned):
-    from vllm import LLM, SamplingParams
-
     out, _ = width_pruned
-    llm = LLM(model=str(out), dtype="float32", gpu_memory_utilization=0.2, enforce_eager=True)
-    try:
-        [result] = llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-        assert len(result.outputs[0].token_ids) > 0
-    finally:
-        del llm
-        gc.collect()
+    assert len(vllm_greedy_answer(out, CHAT)) > 0
 
 
 def test_width_is_another_prune_than_depth(width_pruned, smollm2_dir):
