@@ -242,7 +242,9 @@ def eval_command(manifest, overrides, suites, models, only, output_dir):
     calls are cached (rerun to resume; another run reuses them); each run writes
     <output_dir>/<run id>/ with results.parquet, summary.json and report.md, and prints the report.
     Judges: any OpenAI-compatible endpoint (eval.judge.base_url / model; key from the variable
-    named by eval.judge.api_key_env). SQL: answers, judgments and eval_results views.
+    named by eval.judge.api_key_env). Verdicts are read from the judge's log-probabilities of the
+    verdict tokens where it returns them (eval.judge.logprobs), else from the text; the report
+    counts each way. SQL: answers, judgments and eval_results views.
 
     \b
     Example:

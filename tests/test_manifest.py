@@ -106,6 +106,12 @@ def test_manifest_checks_every_setting_it_alone_can_show_wrong():
         assert expected in message
 
 
+def test_judge_logprobs_is_a_switch():
+    assert load_manifest(None, ["eval.judge.logprobs=false"]).eval.judge.logprobs is False
+    with pytest.raises(ManifestError, match="eval.judge.logprobs: expected bool, got str 'maybe'"):
+        load_manifest(None, ["eval.judge.logprobs=maybe"])
+
+
 def test_peft_sections_load_per_stage_and_round_trip(tmp_path):
     """`sft.peft` and `train.peft` are independent; target_modules is a list of names or the one string all-linear."""
     m = load_manifest(None, ["sft.peft.rank=8", "train.peft={}", "train.peft.target_modules=[q_proj, v_proj]"])

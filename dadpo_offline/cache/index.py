@@ -269,17 +269,17 @@ class CacheIndex:
             if not files:
                 files = [str(self._empty_shard(stages[0]))]
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            # by name: shards written before a filter's column existed read it as null
-            where = f", union_by_name = true) WHERE {VIEW_FILTERS[view]}" if view in VIEW_FILTERS else ")"
+            # by name: shards written before a column existed (a filter's, judgments.method) read it as null
+            where = f" WHERE {VIEW_FILTERS[view]}" if view in VIEW_FILTERS else ""
             con.execute(f"CREATE OR REPLACE {'TEMP ' if temporary else ''}VIEW {view} AS "
-                        f"SELECT * FROM read_parquet([{listing}]{where}")
+                        f"SELECT * FROM read_parquet([{listing}], union_by_name = true){where}")
         if not temporary:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", [str(self.root)])
 
     def _empty_shard(self, stage: str) -> Path:
         """A zero-row file with the stage's schema, so empty views still have typed columns."""
         path = self.root / "_empty" / f"{stage}.parquet"
-        if not path.is_file():
+        if not path.is_file() or not pq.read_schema(path).equals(STAGES[stage]):  # a column added since
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(STAGES[stage].empty_table(), path)
         return path

