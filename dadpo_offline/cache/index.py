@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..errors import CacheError
-from .schema import ACCUMULATING, STAGES, VIEW_FILTERS, VIEW_STAGES
+from .schema import ACCUMULATING, STAGES, VIEW_FILTERS, VIEW_STAGES, VIEWS_BY_NAME
 from .shards import ShardFile, file_sha256, read_shard, shard_metadata, shard_path
 
 INDEX_NAME = "index.duckdb"
@@ -269,10 +269,10 @@ class CacheIndex:
             if not files:
                 files = [str(self._empty_shard(stages[0]))]
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            # by name: shards written before a column existed (a filter's, judgments.method) read it as null
+            by_name = ", union_by_name = true" if view in VIEWS_BY_NAME else ""
             where = f" WHERE {VIEW_FILTERS[view]}" if view in VIEW_FILTERS else ""
             con.execute(f"CREATE OR REPLACE {'TEMP ' if temporary else ''}VIEW {view} AS "
-                        f"SELECT * FROM read_parquet([{listing}], union_by_name = true){where}")
+                        f"SELECT * FROM read_parquet([{listing}]{by_name}){where}")
         if not temporary:
             con.execute("INSERT OR REPLACE INTO meta VALUES ('root', ?)", [str(self.root)])
 

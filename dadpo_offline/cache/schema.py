@@ -182,3 +182,7 @@ VIEW_STAGES = {
 }
 # Views that show only some rows of their shards: `pairs` is what training reads.
 VIEW_FILTERS = {"pairs": "dropped IS NULL", "dropped_pairs": "dropped IS NOT NULL"}
+# Views whose shards may predate a column (a filter's, judgments.method): read by column name, the
+# missing column as null. Only these: reading by name opens every shard's footer when the view is
+# made, so a damaged shard there fails at once instead of when (and if) a query reads it.
+VIEWS_BY_NAME = {"pairs", "dropped_pairs", "judgments"}
