@@ -150,6 +150,7 @@ class JudgeConfig:
     max_retries: int = 5  # per request; exponential backoff on connection errors, 408, 429 and 5xx
     timeout_s: float = 120.0  # per request
     logprobs: bool = True  # read verdicts from the verdict tokens' top log-probabilities (graded), the text as fallback
+    followup: bool = True  # a reply without a verdict gets one short follow-up asking for the verdict token alone (needs logprobs)
     serve: Optional[str] = None  # a model to serve locally as the judge (vLLM's OpenAI server) for the eval; overrides base_url/model
 
 

@@ -41,7 +41,7 @@ def test_eval_judges_with_a_real_server_and_reruns_from_the_cache(tmp_path, prom
     run_dir = next((tmp_path / "eval").iterdir())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["judge"] == {"base_url": judge_server["base_url"], "model": "smol-judge", "temperature": 0.0,
-                                "max_tokens": 40, "logprobs": 20}
+                                "max_tokens": 40, "logprobs": 20, "followup_max_tokens": 3}
     assert "OPENAI_API_KEY" not in (run_dir / "summary.json").read_text()
     con = duckdb.connect(str(tmp_path / "cache" / "index.duckdb"), read_only=True)
     # MT-Bench, one question per category: 8 questions x 2 turns, for teacher and student
@@ -59,10 +59,10 @@ def test_eval_judges_with_a_real_server_and_reruns_from_the_cache(tmp_path, prom
                           for k in ("wins", "ties", "losses"))
     assert wins + ties + losses == 3
     methods = dict(con.execute("SELECT method, count(*) FROM judgments GROUP BY method").fetchall())
-    assert set(methods) <= {"logprobs", "text", "none"} and sum(methods.values()) == 38
+    assert set(methods) <= {"logprobs", "text", "followup", "none"} and sum(methods.values()) == 38
     counted = con.execute("SELECT suite, sum(value) FROM eval_results WHERE metric LIKE 'verdicts_%' GROUP BY suite")
     assert dict(counted.fetchall()) == {"mtbench": 32.0, "winrate": 6.0}  # every judgment counted once, by method
-    assert "Verdicts read by log-probs / text / not at all: mtbench/student " in result.stdout
+    assert "Verdicts read by log-probs / text / follow-up / not at all: mtbench/student " in result.stdout
     con.close()
 
     calls = served_requests(judge_server["base_url"])

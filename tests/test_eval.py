@@ -13,7 +13,7 @@ from dadpo_offline.errors import InputError
 from dadpo_offline.eval import answers as answers_module
 from dadpo_offline.eval import mtbench, verdicts, winrate
 from dadpo_offline.eval.answers import Question, generate_answers
-from dadpo_offline.eval.judge import Judge
+from dadpo_offline.eval.judge import Judge, judged, opening
 from dadpo_offline.manifest import EngineConfig, JudgeConfig, Manifest, ModelConfig, MtBenchConfig, WinRateConfig
 from dadpo_offline.core.roles import Engines, model_role
 
@@ -140,7 +140,7 @@ def test_rating_by_logprobs_is_the_expected_rating():
 def raw_chat(base_url, model, content, **extra):
     """The server's own JSON for one greedy chat completion, read without our client."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0.0,
-                       "max_tokens": 12} | extra).encode()
+                       "max_tokens": 12} | extra).encode()  # `messages` in extra: a whole conversation
     request = urllib.request.Request(base_url + "/chat/completions", body, {"Content-Type": "application/json"})
     return json.loads(urllib.request.urlopen(request, timeout=60).read())
 
@@ -191,6 +191,63 @@ def test_logprob_verdicts_equal_a_hand_computation_from_a_real_vllm_server(judge
         "verdict": "model", "preference": 1.0, "method": "text"}
 
 
+def test_followup_asks_in_the_same_conversation_and_reads_the_first_token():
+    """The judge's own reply is the assistant turn, then the one-letter question.
+
+    First token " B" (0.5), alternatives "A" 0.2, "C" 0.1, "The" 0.2 (not a candidate): renormalised over
+    0.8 → A 0.25, B 0.625, C 0.125. Opponent-first: B is the model, preference 0.625 + 0.0625 = 0.6875.
+    """
+    asked = opening("Be fair.", "Compare these.") + winrate.FOLLOWUP.turns("Both are fine")
+    assert asked == [{"role": "system", "content": "Be fair."}, {"role": "user", "content": "Compare these."},
+                     {"role": "assistant", "content": "Both are fine"},
+                     {"role": "user", "content": "Which assistant answered better? Reply with one letter: A, B, or C "
+                                                 "for a tie."}]
+    answer = tokens((" B", {" B": 0.5, "A": 0.2, "C": 0.1, "The": 0.2}), (".", {}))
+    got = winrate.FOLLOWUP.read(" B.", {"order": "opponent-first"}, answer)
+    assert got["method"] == "followup" and got["verdict"] == "model"
+    assert got["preference"] == pytest.approx(0.6875)
+    assert json.loads(got["probs"]) == pytest.approx({"A": 0.25, "B": 0.625, "C": 0.125})
+    assert winrate.FOLLOWUP.read("The", {"order": "model-first"}, tokens(("The", {"The": 0.9, "I": 0.1}))) is None
+    assert winrate.FOLLOWUP.read("", {"order": "model-first"}, None) is None
+    rating = mtbench.FOLLOWUP.read("7", {}, tokens(("7", {"7": 0.5, "8": 0.25, "x": 0.25})))  # (3.5 + 2) / 0.75
+    assert rating["method"] == "followup" and rating["score"] == pytest.approx(22 / 3)
+    ten = mtbench.FOLLOWUP.read("10", {}, tokens(("1", {"1": 0.8, "9": 0.2}), ("0", {})))  # 10 written "1" "0"
+    assert ten == {"score": 10.0, "method": "followup"}
+
+
+def test_followup_verdict_from_a_real_vllm_server_equals_a_hand_computation(judge_server, tmp_path, monkeypatch):
+    """SmolLM2 asked to greet writes no "[[": the follow-up's first token decides. Its top-20 log-probs,
+    fetched without our client for the same conversation, give the same preference by hand; a rerun reads
+    the cache and calls nothing."""
+    url, model = judge_server["base_url"], judge_server["model"]
+    judge = Judge(JudgeConfig(base_url=url, model=model, max_tokens=8, max_retries=1, timeout_s=60), "winrate")
+    request = {name: None for name in JUDGMENTS.names} | {
+        "suite": "winrate", "template": "pair-v2", "model": "student", "opponent": "teacher", "question_id": "q0",
+        "category": "everyday", "turn": 1, "order": "model-first", "prompt": "Say hello to Ann."}
+    cache = open_cache(tmp_path / "cache", create=True)
+    [row] = judged(cache, judge, "winrate", [request], winrate.parse_verdict, "judge", winrate.FOLLOWUP).to_pylist()
+    assert "[[" not in row["reply"] and row["method"] == "followup" and row["followup"]
+    conversation = [{"role": "user", "content": request["prompt"]}, {"role": "assistant", "content": row["reply"]},
+                    {"role": "user", "content": winrate.FOLLOWUP.question}]
+    raw = raw_chat(url, model, None, messages=conversation, max_tokens=verdicts.FOLLOWUP_MAX_TOKENS, logprobs=True,
+                   top_logprobs=verdicts.TOP_LOGPROBS)
+    assert raw["choices"][0]["message"]["content"] == row["followup"]
+    mass = {}
+    for alt in raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]:
+        if alt["token"].strip() in ("A", "B", "C"):
+            mass[alt["token"].strip()] = mass.get(alt["token"].strip(), 0.0) + math.exp(alt["logprob"])
+    total = sum(mass.values())
+    assert row["preference"] == pytest.approx((mass.get("A", 0.0) + 0.5 * mass.get("C", 0.0)) / total, abs=1e-6)
+    assert row["verdict"] == {"A": "model", "B": "opponent", "C": "tie"}[max(mass, key=mass.get)]
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("a cached judgment was asked again")
+
+    monkeypatch.setattr(judge, "chat", no_call)
+    again = judged(cache, judge, "winrate", [request], winrate.parse_verdict, "judge", winrate.FOLLOWUP).to_pylist()
+    assert again == [row]
+
+
 @pytest.mark.parametrize("first, second, result", [
     ("model", "model", "model"), ("opponent", "opponent", "opponent"), ("model", "opponent", "tie"),
     ("model", "tie", "tie"), ("tie", "tie", "tie"), (None, "model", "tie"), (None, None, "tie"),
@@ -233,7 +290,7 @@ def test_winrate_aggregate_graded_preference():
     got = {r["metric"]: r for r in winrate.aggregate(judgments(rows), "j")}
     assert got["preference_vs_teacher"]["value"] == pytest.approx((0.8 + 0.2 + 0.55) / 3)
     assert got["preference_vs_teacher"]["ci_low"] <= got["preference_vs_teacher"]["value"] <= got["preference_vs_teacher"]["ci_high"]
-    assert [got[f"verdicts_{m}_vs_teacher"]["value"] for m in verdicts.METHODS] == [4, 1, 1]
+    assert [got[f"verdicts_{m}_vs_teacher"]["value"] for m in verdicts.METHODS] == [4, 1, 0, 1]
     assert [got[f"{k}_vs_teacher"]["value"] for k in ("wins", "ties", "losses")] == [1, 1, 1]  # q2: one order missing
 
 

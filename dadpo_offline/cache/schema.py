@@ -128,11 +128,12 @@ JUDGMENTS = pa.schema([
     ("error", pa.string()),  # why the judge refused this request (HTTP 400/413/422), else null
     ("score", pa.float64()),  # single grading: the [[rating]], null when the reply has none
     ("verdict", pa.string()),  # pairwise: model | opponent | tie | null (unparseable); the likeliest one by log-probs
-    # how the verdict was read: logprobs | text | none. Shards written before these three columns
+    # how the verdict was read: logprobs | text | followup | none. Shards written before these columns
     # existed read them as null (views read shards by column name).
     ("method", pa.string()),
     ("preference", pa.float64()),  # pairwise: P(model better) + 0.5 P(tie) in [0, 1]; text: 1 / 0.5 / 0
-    ("probs", pa.string()),  # logprobs: JSON of the renormalised verdict-token probabilities at the decision position
+    ("probs", pa.string()),  # logprobs / followup: JSON of the renormalised verdict-token probabilities at the decision position
+    ("followup", pa.string()),  # the judge's answer to the follow-up question (asked when the reply had no verdict)
 ])
 
 # One row per (eval run, model, suite, metric): what reports and `sql` compare.

@@ -18,9 +18,9 @@ from ..cache.shards import fingerprint
 from ..errors import JudgeError
 from ..manifest import JudgeConfig
 from .store import cached_shards
-from .verdicts import TOP_LOGPROBS, tokens_of
+from .verdicts import FOLLOWUP_MAX_TOKENS, TOP_LOGPROBS, Followup, tokens_of
 
-PARSER_VERSION = "2"  # bump when a verdict parser changes: judgments cached under the old one are redone
+PARSER_VERSION = "3"  # bump when a verdict parser changes: judgments cached under the old one are redone
 
 
 class Judge:
@@ -41,7 +41,13 @@ class Judge:
         c = self.config
         where = {"serve": c.serve} if c.serve else {"base_url": c.base_url, "model": c.model}
         return where | {"temperature": c.temperature, "max_tokens": c.max_tokens,
-                        "logprobs": TOP_LOGPROBS if c.logprobs else 0}
+                        "logprobs": TOP_LOGPROBS if c.logprobs else 0,
+                        "followup_max_tokens": FOLLOWUP_MAX_TOKENS if self.follows_up else 0}
+
+    @property
+    def follows_up(self) -> bool:
+        """A reply without a verdict gets a follow-up question; read by log-probs, so only with them."""
+        return self.config.followup and self.config.logprobs
 
     @property
     def label(self) -> str:
@@ -72,6 +78,10 @@ class Judge:
                              "fix eval.judge.model")
 
     def complete(self, system: str | None, user: str) -> tuple[str, str | None, list[dict] | None]:
+        """One judgment of a single question (see chat)."""
+        return self.chat(opening(system, user))
+
+    def chat(self, messages: list[dict], max_tokens: int | None = None) -> tuple[str, str | None, list[dict] | None]:
         """One judgment: (reply text, None, tokens), or ("", why, None) when the judge rejects this one request.
 
         `tokens` are the reply's tokens with their top log-probabilities (verdicts.tokens_of) when
@@ -82,12 +92,11 @@ class Judge:
         """
         import openai
 
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         ask = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.config.logprobs else {}
         try:
             reply = self.client.chat.completions.create(model=self.config.model, messages=messages,
                                                         temperature=self.config.temperature,
-                                                        max_tokens=self.config.max_tokens, **ask)
+                                                        max_tokens=max_tokens or self.config.max_tokens, **ask)
         except openai.APIConnectionError as exc:
             raise JudgeError(f"judge at {self.config.base_url} became unreachable after "
                              f"{self.config.max_retries} retries ({_reason(exc)})") from exc
@@ -103,11 +112,17 @@ class Judge:
                              f"in {str(reply)[:200]!r}")
         return choices[0].message.content, None, tokens_of(getattr(choices[0], "logprobs", None))
 
-    def complete_many(self, requests: list[tuple[str | None, str]], desc: str) -> list[tuple[str, str | None, list | None]]:
-        """Judge requests in parallel (judge.concurrency in flight), in order, with a progress bar."""
+    def chat_many(self, conversations: list[list[dict]], desc: str,
+                  max_tokens: int | None = None) -> list[tuple[str, str | None, list | None]]:
+        """Judge conversations in parallel (judge.concurrency in flight), in order, with a progress bar."""
         with ThreadPoolExecutor(max_workers=max(1, self.config.concurrency)) as pool:
-            replies = pool.map(lambda r: self.complete(*r), requests)
-            return list(tqdm(replies, total=len(requests), desc=desc, unit="call", file=sys.stderr, dynamic_ncols=True))
+            replies = pool.map(lambda messages: self.chat(messages, max_tokens), conversations)
+            return list(tqdm(replies, total=len(conversations), desc=desc, unit="call", file=sys.stderr, dynamic_ncols=True))
+
+
+def opening(system: str | None, user: str) -> list[dict]:
+    """The judged conversation: the judge prompt's system message, if any, and its user turn."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
 def judge_label(config: JudgeConfig) -> str:
@@ -123,11 +138,14 @@ def _reason(exc: Exception) -> str:
 JUDGE_SHARD = 32  # judge calls per cached shard: a crash re-pays at most this many
 
 
-def judged(cache, judge: Judge, suite: str, requests: list[dict], parse, desc: str) -> pa.Table:
+def judged(cache, judge: Judge, suite: str, requests: list[dict], parse, desc: str,
+           followup: Followup | None = None) -> pa.Table:
     """JUDGMENTS rows for `requests` (rows without judge/reply/score/verdict), each judged once.
 
     `parse(reply, request, tokens)` reads the verdict: from the tokens' log-probabilities when
-    there are any at the decision position, else from the text (its `method` says which).
+    there are any at the decision position, else from the text (its `method` says which). A reply
+    with neither gets `followup`'s question where the judge follows up (method followup when
+    its answer's first token has a candidate among its top log-probs; the answer is kept).
 
     Cached per model under the judge's identity, the exact request texts and the parser, so a
     rerun, or a later eval that adds a model, makes no new calls for what was judged before.
@@ -136,15 +154,28 @@ def judged(cache, judge: Judge, suite: str, requests: list[dict], parse, desc: s
     for model in dict.fromkeys(r["model"] for r in requests):
         mine = [r for r in requests if r["model"] == model]
         settings = {"suite": suite, "model": model, "judge": judge.identity, "requests": fingerprint({"requests": mine}),
-                    "parser": f"{parse.__module__}.{parse.__name__}/{PARSER_VERSION}"}
+                    "parser": f"{parse.__module__}.{parse.__name__}/{PARSER_VERSION}",
+                    "followup": followup.question if followup and judge.follows_up else None}
         chunks = [mine[i:i + JUDGE_SHARD] for i in range(0, len(mine), JUDGE_SHARD)]
 
         def build(k: int, chunks=chunks, model=model) -> pa.Table:
-            replies = judge.complete_many([(r["system"], r["prompt"]) for r in chunks[k]],
-                                          desc=f"{desc}/{model} (shard {k + 1}/{len(chunks)})")
-            return pa.Table.from_pylist([{**r, "judge": judge.label, "reply": reply, "error": error, "score": None,
-                                          "verdict": None, **parse(reply, r, tokens)}
-                                         for r, (reply, error, tokens) in zip(chunks[k], replies)], schema=JUDGMENTS)
+            where = f"{desc}/{model} (shard {k + 1}/{len(chunks)})"
+            replies = judge.chat_many([opening(r["system"], r["prompt"]) for r in chunks[k]], where)
+            rows = [{**r, "judge": judge.label, "reply": reply, "error": error, "score": None, "verdict": None,
+                     **parse(reply, r, tokens)} for r, (reply, error, tokens) in zip(chunks[k], replies)]
+            unread = [row for row in rows if row["method"] == "none" and row["error"] is None]
+            if followup and judge.follows_up and unread:
+                ask_again(judge, followup, unread, where)
+            return pa.Table.from_pylist(rows, schema=JUDGMENTS)
 
         tables.append(cached_shards(cache, "judgments", fingerprint(settings), settings, len(chunks), build, desc=None))
     return pa.concat_tables(tables) if tables else JUDGMENTS.empty_table()
+
+
+def ask_again(judge: Judge, followup: Followup, rows: list[dict], desc: str) -> None:
+    """One follow-up per row without a verdict: its answer and, where its first token decides, the verdict."""
+    answers = judge.chat_many([opening(r["system"], r["prompt"]) + followup.turns(r["reply"]) for r in rows],
+                              f"{desc} follow-ups", max_tokens=FOLLOWUP_MAX_TOKENS)
+    for row, (text, error, tokens) in zip(rows, answers):
+        row["followup"] = text if error is None else None
+        row.update(followup.read(text, row, tokens) or {})

@@ -147,14 +147,27 @@ def parse_rating(reply: str, request: dict, tokens: list[dict] | None = None) ->
     likeliest token is "1" and the reply says "[[10]]", the text is read instead.
     """
     probs = verdicts.read(tokens, RATING_TOKENS)
-    if probs and not _split_ten(reply, probs):
-        return {"score": sum(p * int(r) for r, p in probs.items()), "method": "logprobs", "probs": verdicts.as_json(probs)}
+    if probs and not _split_ten(probs, "[[10]]" in reply):
+        return expected_rating(probs) | {"method": "logprobs"}
     found = RATING.search(reply) or RATING_BACKUP.search(reply)
     return {"score": float(found.group(1)), "method": "text"} if found else {"score": None, "method": "none"}
 
 
-def _split_ten(reply: str, probs: dict[str, float]) -> bool:
-    return max(probs, key=probs.get) == "1" and "[[10]]" in reply
+def expected_rating(probs: dict[str, float]) -> dict:
+    return {"score": sum(p * int(r) for r, p in probs.items()), "probs": verdicts.as_json(probs)}
+
+
+def followup_rating(probs: dict[str, float], request: dict, reply: str) -> dict:
+    """The follow-up's expected rating; a "10" written as "1" "0" is read from the text (see parse_rating)."""
+    return {"score": 10.0} if _split_ten(probs, reply.strip().startswith("10")) else expected_rating(probs)
+
+
+def _split_ten(probs: dict[str, float], says_ten: bool) -> bool:
+    return max(probs, key=probs.get) == "1" and says_ten
+
+
+FOLLOWUP = verdicts.Followup("Rate the response on a scale of 1 to 10. Reply with the number only.",
+                             RATING_TOKENS, followup_rating)
 
 
 def aggregate(judgments: pa.Table, judge: str) -> list[dict]:

@@ -121,11 +121,13 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
             start = time.perf_counter()
             if suite == "mtbench":
                 requests = mtbench.judge_requests(bench, answers["mtbench"])
-                judgments = judged(cache, judge, suite, requests, mtbench.parse_rating, "judge mtbench")
+                judgments = judged(cache, judge, suite, requests, mtbench.parse_rating, "judge mtbench",
+                                   mtbench.FOLLOWUP)
                 rows += mtbench.aggregate(judgments, judge.label)
             elif suite == "winrate":
                 requests = winrate.judge_requests(bench.judge_prompts, questions["winrate"], answers["winrate"], "teacher")
-                judgments = judged(cache, judge, suite, requests, winrate.parse_verdict, "judge winrate")
+                judgments = judged(cache, judge, suite, requests, winrate.parse_verdict, "judge winrate",
+                                   winrate.FOLLOWUP)
                 rows += winrate.aggregate(judgments, judge.label)
             else:
                 rows += run_alpacaeval(e, judge_config, instructions, questions["alpacaeval"], answers["alpacaeval"],

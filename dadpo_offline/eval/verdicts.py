@@ -8,15 +8,22 @@ over. The candidates' probabilities among the top alternatives are renormalised 
 (a candidate outside the top counts as probability 0; alternatives that differ only by
 surrounding spaces, " A" and "A", are added). No log-probs, no "[[", or no candidate among the
 alternatives: None, and the caller parses the text instead.
+
+A reply with no verdict at all (a small judge that never writes "[[") may get one follow-up
+(Followup): the judge's reply is kept as the assistant turn, a short user turn asks for the
+verdict token alone, and the candidates' probabilities at the first generated position decide.
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 TOP_LOGPROBS = 20  # the most OpenAI accepts and vLLM's default --max-logprobs
 MARKER = "[["
-METHODS = ("logprobs", "text", "none")  # how a verdict was obtained, stored per judgment
+FOLLOWUP_MAX_TOKENS = 3  # the verdict token, and room to see "10" written as "1" "0"
+METHODS = ("logprobs", "text", "followup", "none")  # how a verdict was obtained, stored per judgment
 
 
 def tokens_of(logprobs) -> list[dict] | None:
@@ -67,3 +74,20 @@ def read(tokens: list[dict] | None, candidates: tuple[str, ...]) -> dict[str, fl
 def as_json(probs: dict[str, float]) -> str:
     """The distribution as stored in judgments.probs: readable in SQL with json_extract."""
     return json.dumps({k: round(v, 6) for k, v in probs.items()}, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Followup:
+    """The question asked after a reply without a verdict, and how its answer's first token is graded."""
+    question: str  # asks for the verdict token alone
+    candidates: tuple[str, ...]
+    grade: Callable[[dict[str, float], dict, str], dict]  # (probs, request, follow-up reply) -> judgment fields
+
+    def turns(self, reply: str) -> list[dict]:
+        """What follows the judged conversation: the judge's own reply as the assistant turn, then the question."""
+        return [{"role": "assistant", "content": reply}, {"role": "user", "content": self.question}]
+
+    def read(self, reply: str, request: dict, tokens: list[dict] | None) -> dict | None:
+        """Judgment fields (method followup) from the first generated token's top alternatives; None without a candidate."""
+        probs = distribution(tokens[0]["top"], self.candidates) if tokens else None
+        return self.grade(probs, request, reply) | {"method": "followup"} if probs else None

@@ -71,17 +71,33 @@ def parse_verdict(reply: str, request: dict, tokens: list[dict] | None = None) -
     P(model's letter) + 0.5 P(C), verdict the likeliest letter. Else by text: "[[A]]" / "[[B]]" /
     "[[C]]" (checked in that order), preference 1 / 0 / 0.5. Else none: verdict and preference null.
     """
-    ours, theirs = ("A", "B") if request["order"] == "model-first" else ("B", "A")
-    who = {ours: "model", theirs: "opponent", "C": "tie"}
     probs = verdicts.read(tokens, PAIR_TOKENS)
     if probs:
-        likeliest = max(PAIR_TOKENS, key=lambda c: probs.get(c, 0.0))
-        return {"verdict": who[likeliest], "preference": probs.get(ours, 0.0) + 0.5 * probs.get("C", 0.0),
-                "method": "logprobs", "probs": verdicts.as_json(probs)}
+        return graded(probs, request) | {"method": "logprobs"}
+    who = positions(request)
     for letter in PAIR_TOKENS:
         if f"[[{letter}]]" in reply:
             return {"verdict": who[letter], "preference": POINTS[who[letter]], "method": "text"}
     return {"verdict": None, "preference": None, "method": "none"}
+
+
+def positions(request: dict) -> dict[str, str]:
+    """Letter -> model / opponent / tie for the request's order."""
+    ours, theirs = ("A", "B") if request["order"] == "model-first" else ("B", "A")
+    return {ours: "model", theirs: "opponent", "C": "tie"}
+
+
+def graded(probs: dict[str, float], request: dict, reply: str = "") -> dict:
+    """P(A), P(B), P(C) as a verdict: the likeliest letter's, and preference P(model's letter) + 0.5 P(C)."""
+    who = positions(request)
+    ours = next(letter for letter, side in who.items() if side == "model")
+    likeliest = max(PAIR_TOKENS, key=lambda c: probs.get(c, 0.0))
+    return {"verdict": who[likeliest], "preference": probs.get(ours, 0.0) + 0.5 * probs.get("C", 0.0),
+            "probs": verdicts.as_json(probs)}
+
+
+FOLLOWUP = verdicts.Followup("Which assistant answered better? Reply with one letter: A, B, or C for a tie.",
+                             PAIR_TOKENS, graded)
 
 
 def outcome(first: str | None, second: str | None) -> str:
