@@ -26,6 +26,7 @@ from .core.layout import RunLayout
 from .core.results import results_grid
 from .core.steps import training_stages
 from .errors import DadpoError, InputError
+from .eval.results import verdict_summary
 from .losses import effective_betas
 
 COLUMNS = [  # (title, suite, metric) that lead the results table
@@ -35,7 +36,13 @@ COLUMNS = [  # (title, suite, metric) that lead the results table
     ("teacher log p / token", "likelihood", "teacher_logp_per_token"),
 ]
 OWN_SUITES = ("mtbench", "alpacaeval", "winrate", "lmeval")  # detail of these lives in the eval's own report.md
-PLOTS = ("training_curves.png", "teacher_margins.png", "mtbench_categories.png")
+PLOTS = ("training_curves.png", "teacher_margins.png", "mtbench_categories.png", "distillation.png")
+DISTILLATION = [  # (likelihood metric, panel title) in panel order, then the judged win rate vs the teacher
+    ("teacher_logp_per_token", "teacher log p / token (higher: closer)"),
+    ("reverse_kl_per_token", "reverse KL to teacher / token (lower: closer)"),
+    ("teacher_answer_ce_per_token", "CE on teacher answers / token (lower: closer)"),
+]
+WIN_RATE = [("preference_vs_teacher", "P(better than teacher) (judged)"), ("score_vs_teacher", "(W+0.5T)/N vs teacher (judged)")]
 CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
        "th:first-child,td:first-child{text-align:left}th{background:#f4f4f4}img{max-width:100%}"
@@ -70,6 +77,11 @@ def write_report(run: RunLayout | Path, out: Path | None = None, eval_run: str |
         plots["mtbench_categories.png"] = plot_categories(rows, names, categories, out / "mtbench_categories.png")
     elif rows:
         missing.append(f"MT-Bench categories: eval run {run_id} has no mtbench category/* scores")
+    panels = distillation_panels(rows, names)
+    if panels:
+        plots["distillation.png"] = plot_distillation(panels, out / "distillation.png")
+    elif rows:
+        missing.append(f"distillation plot: eval run {run_id} has no likelihood metrics — add likelihood to eval.suites")
 
     blocks = [("h", 1, f"Run report: {run_dir.name}"), ("p", f"Run folder `{run_dir}`.")]
     blocks += results_blocks(run_id, ev_dir, out, rows, names, summary, plots)
@@ -245,6 +257,42 @@ def plot_categories(rows: list[dict], names: list[str], categories: list[str], p
     return path
 
 
+def distillation_panels(rows: list[dict], names: list[str]) -> list[tuple[str, str, list[tuple]]]:
+    """(metric, title, [(model, value, ci_low, ci_high)] in model order) per DISTILLATION metric present,
+    then one win-rate panel (graded preference where the judge gave log-probs, else (W+0.5T)/N).
+
+    Empty without a likelihood metric; intervals are null where the row has none.
+    """
+    value = {(r["suite"], r["metric"], r["model"]): r for r in rows if r["value"] is not None}
+    points = lambda suite, metric: [(m, value[(suite, metric, m)]["value"], value[(suite, metric, m)].get("ci_low"),
+                                     value[(suite, metric, m)].get("ci_high")) for m in names if (suite, metric, m) in value]
+    panels = [(metric, title, points("likelihood", metric)) for metric, title in DISTILLATION]
+    panels = [panel for panel in panels if panel[2]]
+    if not panels:
+        return []
+    judged = [(metric, title, points("winrate", metric)) for metric, title in WIN_RATE]
+    return panels + [panel for panel in judged if panel[2]][:1]
+
+
+def plot_distillation(panels: list[tuple[str, str, list[tuple]]], path: Path) -> Path:
+    """One panel per metric, models along x, a point per model with its 95% interval where it has one."""
+    fig = Figure(figsize=(4.5 * len(panels) + 1, 4.2), layout="constrained")
+    for ax, (metric, title, points) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        x = np.arange(len(points))
+        values = np.array([v for _, v, _, _ in points])
+        low = [v - lo if lo is not None else 0.0 for _, v, lo, _ in points]
+        high = [hi - v if hi is not None else 0.0 for _, v, _, hi in points]
+        ax.errorbar(x, values, yerr=[low, high], fmt="o", capsize=4, color="tab:blue")
+        if metric.endswith("_vs_teacher"):
+            ax.axhline(0.5, color="grey", linestyle=":", label="as good as the teacher")
+            ax.legend(fontsize="small")
+        ax.set_xticks(x, [m for m, *_ in points], rotation=30)
+        ax.set(title=title, xlabel="model", ylabel=metric)
+        ax.margins(x=0.15)
+    fig.savefig(path, dpi=80)
+    return path
+
+
 def results_blocks(run_id, ev_dir, out: Path, rows, names, summary, plots) -> list:
     if not rows:
         return []
@@ -260,6 +308,11 @@ def results_blocks(run_id, ev_dir, out: Path, rows, names, summary, plots) -> li
                    ("ul", [f"{suite}: `{judge}`" for suite, judge in judges])]
     if summary.get("judge"):
         blocks.append(("p", f"Judge settings: `{json.dumps(summary['judge'], sort_keys=True)}`."))
+    counts = verdict_summary(rows)
+    if counts:
+        blocks.append(("p", counts))
+    if "distillation.png" in plots:
+        blocks.append(("img", "distillation.png", "Distillation metrics by model (95% intervals where known)"))
     if "mtbench_categories.png" in plots:
         blocks.append(("img", "mtbench_categories.png", "MT-Bench score by category"))
     return blocks

@@ -4,6 +4,7 @@ import json
 
 import matplotlib.image
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -13,7 +14,7 @@ from dadpo_offline.cache.shards import shard_path, write_shard
 from dadpo_offline.cli import main
 from dadpo_offline.errors import InputError
 from dadpo_offline.eval.results import save_results
-from dadpo_offline.report import run_order, to_html, to_markdown, write_report
+from dadpo_offline.report import distillation_panels, run_order, to_html, to_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JUDGE = "judge-model@http://127.0.0.1:8000/v1"
@@ -56,6 +57,9 @@ def result_rows(shift=0.0):
     for model, (value, low, high) in VS_TEACHER.items():
         rows.append({"model": model, "suite": "winrate", "metric": "score_vs_teacher", "value": value, "ci_low": low,
                      "ci_high": high, "n": 64, "judge": JUDGE})
+    for model in VS_TEACHER:
+        rows += [{"model": model, "suite": "winrate", "metric": f"verdicts_{method}_vs_teacher", "value": count, "n": 64,
+                  "judge": JUDGE} for method, count in (("logprobs", 100), ("text", 10), ("followup", 16), ("none", 2))]
     rows.append({"model": "dadpo", "suite": "toxicity", "metric": "rate", "value": 0.0625, "n": 64})
     return rows
 
@@ -113,8 +117,9 @@ def table_line(md, model):
 def test_report_writes_valid_pngs(full_report, run_dir):
     out = run_dir / "report"
     assert sorted(full_report["files"]) == sorted(str(out / n) for n in (
-        "report.md", "report.html", "training_curves.png", "teacher_margins.png", "mtbench_categories.png"))
-    for name in ("training_curves.png", "teacher_margins.png", "mtbench_categories.png"):
+        "report.md", "report.html", "training_curves.png", "teacher_margins.png", "mtbench_categories.png",
+        "distillation.png"))
+    for name in ("training_curves.png", "teacher_margins.png", "mtbench_categories.png", "distillation.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
         image = matplotlib.image.imread(out / name)
@@ -135,7 +140,9 @@ def test_report_table_orders_models_with_newest_eval_numbers(full_report, run_di
     assert table_line(md, "student") == "| student | 3.500 | 23.5 | 0.125 [0.05, 0.20] | -0.875 | – | 0.535 |"
     assert table_line(md, "teacher") == "| teacher | 8.000 | 28.0 | – | -2.000 | – | 0.580 (+0.045) |"
     assert f"- mtbench: `{JUDGE}`" in md and "`../eval/20250101-120000-10/report.md`" in md
-    for name in ("training_curves.png", "teacher_margins.png", "mtbench_categories.png"):
+    assert ("Verdicts read by log-probs / text / follow-up / not at all: winrate/dadpo 100/10/16/2, "
+            "winrate/ddpo 100/10/16/2, winrate/sft 100/10/16/2, winrate/student 100/10/16/2.") in md
+    for name in ("training_curves.png", "teacher_margins.png", "mtbench_categories.png", "distillation.png"):
         assert f"]({name})" in md
 
 
@@ -155,8 +162,50 @@ def test_report_training_and_cache_sections(full_report, run_dir):
 def test_report_html_is_standalone_and_escaped(full_report, run_dir):
     page = (run_dir / "report" / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page
-    assert page.count('src="data:image/png;base64,') == 3 and ".png\"" not in page
+    assert page.count('src="data:image/png;base64,') == 4 and ".png\"" not in page
     assert "<td>0.450 [0.30, 0.60]</td>" in page and "<code>judge-model@http://127.0.0.1:8000/v1</code>" in page
+
+
+def test_report_distillation_plot_compares_models_with_intervals(tmp_path):
+    """Likelihood metrics in their fixed order, models in pipeline order, intervals where the row has them;
+    the win-rate panel is the graded preference (preferred over (W+0.5T)/N), the teacher absent from it."""
+    root = tmp_path / "run"
+    rows = [{"model": m, "suite": "likelihood", "metric": "reverse_kl_per_token", "value": 2.0 - k / 2, "ci_low": 1.5 - k / 2,
+             "ci_high": 2.5 - k / 2, "n": 16} for k, m in enumerate(["teacher", "dadpo", "student"])]
+    rows += [{"model": m, "suite": "likelihood", "metric": "teacher_logp_per_token", "value": v, "n": 16}
+             for m, v in (("student", -2.5), ("teacher", -0.5))]
+    rows += [{"model": "dadpo", "suite": "winrate", "metric": metric, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1,
+              "n": 16, "judge": JUDGE} for metric, v in (("preference_vs_teacher", 0.4), ("score_vs_teacher", 0.25))]
+    save_eval(open_cache(root / "cache", create=True), root / "eval", "20250101-120000", rows)
+    result = write_report(root)
+    out = root / "report"
+    assert str(out / "distillation.png") in result["files"]
+    image = matplotlib.image.imread(out / "distillation.png")
+    assert (out / "distillation.png").read_bytes()[:8] == PNG_MAGIC and image.shape[1] > 3 * image.shape[0] / 2
+    assert "![Distillation metrics by model (95% intervals where known)](distillation.png)" in (out / "report.md").read_text()
+    assert (out / "report.html").read_text().count('src="data:image/png;base64,') == 1
+    saved = pq.read_table(root / "eval" / "20250101-120000" / "results.parquet").to_pylist()
+    assert distillation_panels(saved, ORDER) == [
+        ("teacher_logp_per_token", "teacher log p / token (higher: closer)",
+         [("student", -2.5, None, None), ("teacher", -0.5, None, None)]),
+        ("reverse_kl_per_token", "reverse KL to teacher / token (lower: closer)",
+         [("student", 1.0, 0.5, 1.5), ("dadpo", 1.5, 1.0, 2.0), ("teacher", 2.0, 1.5, 2.5)]),
+        ("preference_vs_teacher", "P(better than teacher) (judged)", [("dadpo", 0.4, pytest.approx(0.3), 0.5)])]
+
+
+def test_report_without_likelihood_metrics_draws_no_distillation_plot(tmp_path):
+    """A judged win rate alone is no distillation comparison: no plot, no stale one, the missing suite named."""
+    root = tmp_path / "run"
+    rows = [{"model": "dadpo", "suite": "winrate", "metric": "score_vs_teacher", "value": 0.25, "ci_low": 0.1,
+             "ci_high": 0.4, "n": 16, "judge": JUDGE}]
+    save_eval(open_cache(root / "cache", create=True), root / "eval", "20250101-120000", rows)
+    (root / "report").mkdir()
+    (root / "report" / "distillation.png").write_bytes(b"from an earlier report")
+    result = write_report(root)
+    assert not (root / "report" / "distillation.png").exists()
+    assert not any(f.endswith("distillation.png") for f in result["files"])
+    assert "distillation.png" not in (root / "report" / "report.md").read_text()
+    assert any(m.startswith("distillation plot: eval run 20250101-120000 has no likelihood metrics") for m in result["missing"])
 
 
 def test_report_text_is_escaped_in_both_renderings(tmp_path):
