@@ -23,10 +23,9 @@ from matplotlib.figure import Figure
 
 from .cache.index import INDEX_NAME, dropped_summary, open_cache
 from .core.layout import RunLayout
-from .core.results import results_grid
+from .core.results import results_grid, verdict_summary
 from .core.steps import training_stages
 from .errors import DadpoError, InputError
-from .eval.results import verdict_summary
 from .losses import effective_betas
 
 COLUMNS = [  # (title, suite, metric) that lead the results table

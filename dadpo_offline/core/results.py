@@ -4,6 +4,8 @@ lm-eval cells carry the delta vs the student in parentheses: the alignment tax.
 """
 from __future__ import annotations
 
+VERDICT_METHODS = ("logprobs", "text", "followup", "none")  # how a judge's verdict was read, stored per judgment
+
 
 def cell(row: dict | None, baseline: dict | None = None) -> str:
     if row is None or row["value"] is None:
@@ -31,3 +33,17 @@ def results_grid(rows: list[dict], names: list[str], lead: list[tuple[str, str, 
                            value.get(("student", suite, metric)) if suite == "lmeval" and name != "student" else None)
                       for _, suite, metric in columns] for name in names]
     return ["model"] + [c[0] for c in columns], body
+
+
+def verdict_summary(rows: list[dict]) -> str | None:
+    """How the judge's verdicts were read, per suite and model: by log-probs / text / follow-up / not at all."""
+    counts = {}
+    for r in rows:
+        metric = r["metric"].partition("_vs_")[0]
+        if metric.startswith("verdicts_") and r["value"] is not None:
+            counts.setdefault((r["suite"], r["model"]), {})[metric.removeprefix("verdicts_")] = int(r["value"])
+    if not counts:
+        return None
+    return "Verdicts read by log-probs / text / follow-up / not at all: " + ", ".join(
+        f"{suite}/{model} " + "/".join(str(c.get(method, 0)) for method in VERDICT_METHODS)
+        for (suite, model), c in sorted(counts.items())) + "."

@@ -9,9 +9,8 @@ import pyarrow as pa
 from ..cache.index import CacheIndex
 from ..cache.schema import EVAL_RESULTS
 from ..cache.shards import shard_path, write_shard
-from ..core.results import cell, results_grid
+from ..core.results import cell, results_grid, verdict_summary
 from ..files import atomic_text
-from .verdicts import METHODS
 
 HEADLINE = [  # (column title, suite, metric) in the comparison table
     ("MT-Bench", "mtbench", "overall"), ("MT-Bench T1", "mtbench", "turn1"), ("MT-Bench T2", "mtbench", "turn2"),
@@ -81,20 +80,6 @@ def winrate_section(rows: list[dict]) -> list[str]:
 def verdict_counts(rows: list[dict]) -> list[str]:
     summary = verdict_summary(rows)
     return ["", summary] if summary else []
-
-
-def verdict_summary(rows: list[dict]) -> str | None:
-    """How the judge's verdicts were read, per suite and model: by log-probs / text / follow-up / not at all."""
-    counts = {}
-    for r in rows:
-        metric = r["metric"].partition("_vs_")[0]
-        if metric.startswith("verdicts_") and r["value"] is not None:
-            counts.setdefault((r["suite"], r["model"]), {})[metric.removeprefix("verdicts_")] = int(r["value"])
-    if not counts:
-        return None
-    return "Verdicts read by log-probs / text / follow-up / not at all: " + ", ".join(
-        f"{suite}/{model} " + "/".join(str(c.get(method, 0)) for method in METHODS)
-        for (suite, model), c in sorted(counts.items())) + "."
 
 
 def mtbench_section(rows: list[dict], names: list[str]) -> list[str]:

@@ -20,10 +20,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from ..core.results import VERDICT_METHODS
+
 TOP_LOGPROBS = 20  # the most OpenAI accepts and vLLM's default --max-logprobs
 MARKER = "[["
+METHODS = VERDICT_METHODS  # how a verdict was read, stored per judgment (defined in core: the reports count them)
 FOLLOWUP_MAX_TOKENS = 3  # the verdict token, and room to see "10" written as "1" "0"
-METHODS = ("logprobs", "text", "followup", "none")  # how a verdict was obtained, stored per judgment
 
 
 def tokens_of(logprobs) -> list[dict] | None:
