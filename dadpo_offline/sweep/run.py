@@ -88,7 +88,7 @@ def point_status(m: Manifest, point: Point, folder: Path) -> str:
     t, *_, identity = dadpo_identity(point.manifest(m))
     if finished_state(folder, identity, t) is not None:
         return "finished"
-    steps = sorted(checkpoint_step(f) for f in folder.glob("checkpoint-*") if f.is_dir()) if folder.is_dir() else []
+    steps = sorted(checkpoint_step(f) for f in folder.glob("checkpoint-*") if f.name[11:].isdigit() and f.is_dir())
     return f"started (checkpoint-{steps[-1]})" if steps else "to train"
 
 
@@ -104,8 +104,8 @@ def describe(m: Manifest) -> str:
     width = max(len(p.name) for p in points)
     lines = [f"sweep: {len(points)} points into {out / 'points'}; {note}"]
     lines += [f"  {p.name:<{width}}  {status[p]}" for p in points] + [f"  ({note})" for note in dropped]
-    done = sum(s == "finished" for s in status.values())
-    lines.append(f"{done} finished, {len(points) - done} to train; eval: {', '.join(m.sweep.suites)} over the points "
+    done, started = (sum(s.startswith(word) for s in status.values()) for word in ("finished", "started"))
+    lines.append(f"{done} finished, {started} started, {len(points) - done - started} to train; eval: {', '.join(m.sweep.suites)} over the points "
                  f"and the baselines (teacher, student, reference)")
     return "\n".join(lines)
 
