@@ -175,6 +175,54 @@ def train(manifest, overrides, stage, loss, beta1, beta2, max_steps, output_dir,
 
 
 @main.command(context_settings=CONTEXT)
+@manifest_options
+@click.option("--loss", "losses", metavar="LIST", help="Comma-separated losses (default: sweep.losses, else train.loss).")
+@click.option("--beta1", metavar="LIST", help="Comma-separated β1 values (default: sweep.beta1, else train.beta1).")
+@click.option("--beta2", metavar="LIST", help="Comma-separated β2 values (default: sweep.beta2, else train.beta2).")
+@click.option("--seeds", metavar="LIST", help="Comma-separated seeds (default: sweep.seeds, else train.seed).")
+@click.option("--suite", "suites", metavar="LIST", help="Comma-separated eval suites (default: sweep.suites: likelihood).")
+@click.option("--max-steps", type=int, help="Optimiser steps of every point (default: train.max_steps).")
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Sweep folder (default: sweep.output_dir, "
+              "else <cache_dir>/../sweep).")
+@click.option("--no-eval", is_flag=True, help="Train the points only: the table holds training numbers, no plots.")
+@click.option("--dry-run", is_flag=True, help="List the points and which are finished; train and load nothing.")
+@domain_errors
+def sweep(manifest, overrides, losses, beta1, beta2, seeds, suites, max_steps, output_dir, no_eval, dry_run):
+    """Train a grid of losses x β1 x β2 x seeds from one cache, evaluate it once, plot each metric against β2.
+
+    \b
+    Every point is an ordinary `train --stage dadpo` output in <sweep>/points/<loss>-b1_<β1>-b2_<β2>-seed_<s>,
+    started from the reference (the dSFT output unless the manifest sets `reference:`): finished points
+    are skipped, a killed sweep resumes the point it was in. A loss that ignores a beta (ddpo: β2,
+    rdpo: β1) trains once along that axis. One eval of every point and the baselines shares cached
+    answers and judgments; then <sweep>/sweep.md, sweep.csv and plots/<suite>_<metric>.png.
+
+    \b
+    Example:
+      dadpo-offline sweep manifests/demo.yaml --loss dadpo,ddpo --beta1 0.1 --beta2 0,0.01,0.1,1 --seeds 1,2,3
+      dadpo-offline sweep manifests/demo.yaml --dry-run
+    """
+    import json
+
+    flags = {f"sweep.{key}": f"[{value}]" for key, value in
+             (("losses", losses), ("beta1", beta1), ("beta2", beta2), ("seeds", seeds), ("suites", suites)) if value}
+    if max_steps is not None:
+        flags["train.max_steps"] = str(max_steps)
+    if output_dir:
+        flags["sweep.output_dir"] = json.dumps(str(Path(output_dir).resolve()))  # a flag's path is the shell's
+    m = load(manifest, list(overrides) + [f"{k}={v}" for k, v in flags.items()])
+    from .sweep.run import describe, run_sweep
+
+    if dry_run:
+        click.echo(describe(m))
+        return
+    result = run_sweep(m, evaluate_points=not no_eval)
+    click.echo(Path(result["files"][0]).read_text(encoding="utf-8"), nl=False)
+    for path in result["files"]:
+        click.echo(f"wrote {path}", err=True)
+
+
+@main.command(context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--method", type=click.Choice(["depth", "width"]), default="depth", show_default=True,
               help="depth: remove whole decoder layers; width: remove MLP channels and query heads in every layer "

@@ -205,6 +205,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SweepConfig:
+    """`dadpo-offline sweep`: a grid of preference runs from one cache; an empty axis takes train's value."""
+    losses: list[str] = field(default_factory=list)  # default [train.loss]
+    beta1: list[float] = field(default_factory=list)  # default [train.beta1]; a loss that ignores beta1 trains once
+    beta2: list[float] = field(default_factory=list)  # default [train.beta2]; a loss that ignores beta2 trains once
+    seeds: list[int] = field(default_factory=list)  # default [train.seed]
+    suites: list[Literal[EVAL_SUITES]] = field(default_factory=lambda: ["likelihood"])  # judge-free by default
+    output_dir: Optional[str] = None  # default: <cache_dir>/../sweep; points/<point>/ and the table and plots
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     source: Optional[str] = None  # model pruned into the folder student.model names, when that folder is missing
     method: str = "depth"  # depth: remove whole decoder layers; width: MLP channels and query heads (LLM-Pruner's kind)
@@ -228,6 +239,7 @@ class Manifest:
     sft: SftConfig = field(default_factory=SftConfig)  # dSFT, the first training stage
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # `sweep`'s grid over losses, betas and seeds
 
     @property
     def reference_model(self) -> ModelConfig:
@@ -275,7 +287,8 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
         winrate=dataclasses.replace(e.winrate, prompts=sources(e.winrate.prompts)),
         lmeval=dataclasses.replace(e.lmeval, data_files={task: {split: absolute(f) for split, f in files.items()}
                                                          for task, files in e.lmeval.data_files.items()}))
-    return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train, eval=evaluation,
+    sweep = dataclasses.replace(manifest.sweep, output_dir=maybe(manifest.sweep.output_dir))
+    return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train, eval=evaluation, sweep=sweep,
                                teacher=model(manifest.teacher), student=model(manifest.student),
                                reference=model(manifest.reference),
                                prune=dataclasses.replace(manifest.prune, source=local(manifest.prune.source)),
@@ -402,7 +415,7 @@ def _check_combinations(m: Manifest) -> list[str]:
                         f"{m.prune.method!r}")
     if m.engine.gpu_memory_utilization is not None and not 0 < m.engine.gpu_memory_utilization <= 1:
         problems.append(f"engine.gpu_memory_utilization: must be in (0, 1], got {m.engine.gpu_memory_utilization}")
-    return problems + _trainer_problems("sft", m.sft) + _trainer_problems("train", m.train) + _loss_problems(m.train)
+    return problems + _trainer_problems("sft", m.sft) + _trainer_problems("train", m.train) + _loss_problems(m.train, m.sweep)
 
 
 def _trainer_problems(section: str, t: TrainerConfig) -> list[str]:
@@ -447,12 +460,15 @@ def _peft_problems(key: str, p: PeftConfig) -> list[str]:
     return problems
 
 
-def _loss_problems(t: TrainConfig) -> list[str]:
+def _loss_problems(t: TrainConfig, s: SweepConfig) -> list[str]:
     """The loss registry checks its names, the betas each loss uses and each loss's own parameters."""
     known = ", ".join(map(repr, sorted(LOSSES)))
-    problems = [f"train.{key}: {name!r} is not one of {known}"
-                for key, names in (("loss", [t.loss]), ("compare", t.compare),
-                                   ("loss_params", list(t.loss_params))) for name in names if name not in LOSSES]
+    problems = [f"{key}: {name!r} is not one of {known}"
+                for key, names in (("train.loss", [t.loss]), ("train.compare", t.compare),
+                                   ("train.loss_params", list(t.loss_params)), ("sweep.losses", s.losses))
+                for name in names if name not in LOSSES]
+    problems += [f"sweep.{key} must be >= 0, got {value}" for key in ("beta1", "beta2") for value in getattr(s, key)
+                 if value < 0]
     problems += [f"train.{key} must be >= 0, got {getattr(t, key)}"
                  for key in ("beta1", "beta2", "step0_pairs", "step0_max_token_gap")
                  if getattr(t, key) is not None and getattr(t, key) < 0]

@@ -17,7 +17,7 @@ def test_every_module_imports():
 CORE = {"core", "cache", "errors", "files", "jsonl", "package_data", "manifest", "losses", "__init__"}
 STAGES = {"precompute", "train", "eval", "prune"}
 READERS = {"plan", "report"}  # describe a run from the manifest and its files: they stand on the core only
-DRIVERS = {"pipeline", "cli", "__main__"}  # run the stages
+DRIVERS = {"pipeline", "sweep", "cli", "__main__"}  # run the stages
 
 
 def package_imports() -> dict[str, set[str]]:

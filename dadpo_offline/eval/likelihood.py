@@ -30,5 +30,6 @@ def teacher_likelihood(answers: pa.Table, questions: list[Question], teacher: Ro
         total[1] += len(token_logprobs)
         total[2] += 1
     return [row for model, (logp, tokens, n) in totals.items() for row in (
-        {"model": model, "suite": "likelihood", "metric": "teacher_logp_per_token", "value": logp / tokens, "n": n},
+        {"model": model, "suite": "likelihood", "metric": "teacher_logp_per_token", "value": logp / tokens if tokens else None,
+         "n": n},  # a model whose every answer is empty (a weak sweep point) has no per-token figure
         {"model": model, "suite": "likelihood", "metric": "teacher_logp_per_answer", "value": logp / n, "n": n})]

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from ..cache.index import open_cache
 from ..core.layout import RunLayout
-from ..core.models import resolve_model
+from ..core.models import ResolvedModel, resolve_model
 from ..errors import TrainError
 from ..losses import LOSSES
-from ..manifest import Manifest
+from ..manifest import Manifest, TrainConfig
 from .check import step0_check
 from .data import PairCollator, RowDataset, load_pairs
 from .logps import sequence_logps
@@ -140,15 +141,23 @@ class EchoLogs(TrainerCallback):
             print(f"step {state.global_step}: {shown}", file=sys.stderr, flush=True)
 
 
-def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool = False) -> dict:
+def dadpo_identity(manifest: Manifest) -> tuple[TrainConfig, str, str | None, ResolvedModel, dict]:
+    """The run's settings, start model (reference, revision, resolved) and identity; reads the cache index and
+    hashes the start weights, loads nothing."""
     t = manifest.train.this_run()
-    beta1, beta2 = LOSSES[t.loss].betas(t.beta1, t.beta2)
-    output = RunLayout.of(manifest).stage(t.loss)
     init = t.init_model or manifest.reference_model.model
     revision = None if t.init_model else manifest.reference_model.revision
     data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
     start = resolve_model(init, revision)  # a LoRA dSFT folder: its merged model, base + dSFT adapter
-    identity = run_identity(t.loss, data, start, t)
+    return t, init, revision, start, run_identity(t.loss, data, start, t)
+
+
+def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool = False,
+                output: Path | None = None) -> dict:
+    """Train `train.loss` into `output` (default: the run's <train>/<loss> folder; a sweep gives each point its own)."""
+    t, init, revision, start, identity = dadpo_identity(manifest)
+    beta1, beta2 = LOSSES[t.loss].betas(t.beta1, t.beta2)
+    output = output or RunLayout.of(manifest).stage(t.loss)
     done = finished_run(output, identity, t, "rewards/margins")
     if done:
         return done | {"step0": None}

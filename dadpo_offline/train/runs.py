@@ -167,17 +167,26 @@ def finished_run(output: Path, identity: dict, t: TrainerConfig, history_key: st
     for: a smoke run with --max-steps 2 is not the full run); starting a run removes that file, so
     a crash after a settings change is never mistaken for the old, finished run.
     """
+    logged = finished_state(output, identity, t)
+    if logged is not None:
+        history = [h for h in logged["log_history"] if history_key in h]
+        trainer_summary = next((h for h in reversed(logged["log_history"]) if "train_loss" in h), {})  # older runs
+        return {"output_dir": str(output), "steps": logged["global_step"],
+                "train_loss": logged.get("train_loss", trainer_summary.get("train_loss")),
+                "resumed_from": None, "history": history, "skipped": "finished before with the same settings"}
+    (output / "trainer_state.json").unlink(missing_ok=True)
+    return None
+
+
+def finished_state(output: Path, identity: dict, t: TrainerConfig) -> dict | None:
+    """The final trainer_state.json of a finished run with exactly these settings, else None; only reads,
+    so `sweep --dry-run` can ask it too."""
     state, record = output / "trainer_state.json", output / "run.json"
     if t.resume and state.is_file() and record.is_file():
         logged = json.loads(state.read_text(encoding="utf-8"))
         same = json.loads(record.read_text(encoding="utf-8")) == json.loads(json.dumps(identity, sort_keys=True))
         if same and logged.get("requested_max_steps") == t.max_steps:
-            history = [h for h in logged["log_history"] if history_key in h]
-            trainer_summary = next((h for h in reversed(logged["log_history"]) if "train_loss" in h), {})  # older runs
-            return {"output_dir": str(output), "steps": logged["global_step"],
-                    "train_loss": logged.get("train_loss", trainer_summary.get("train_loss")),
-                    "resumed_from": None, "history": history, "skipped": "finished before with the same settings"}
-    state.unlink(missing_ok=True)
+            return logged
     return None
 
 
