@@ -34,6 +34,7 @@ class SamplingConfig:
     top_p: float = 0.95
     max_tokens: int = 256  # response budget; longer answers are cut and flagged truncated
     seed: int = 0  # per-request seed = hash(seed, prompt_id, sample, role): batch-independent
+    samples: Optional[int] = None  # answers per prompt from this role; None: generate.samples_per_prompt
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,14 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    samples_per_prompt: int = 1  # pairs per prompt: teacher sample k is paired with student sample k
+    samples_per_prompt: int = 1  # answers per prompt from each role, unless generate.<role>.samples says otherwise
     teacher: SamplingConfig = field(default_factory=SamplingConfig)
     student: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def samples(self, role: str) -> int:
+        """How many answers `role` (teacher or student) gives each prompt."""
+        own = getattr(self, role).samples
+        return self.samples_per_prompt if own is None else own
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,14 @@ class PairsConfig:
     # Answers that must have ended (end-of-turn token, not cut at max_tokens) for a pair to be trained
     # on. A cut answer has no ending: pairing it biases the preference by length and by the end token.
     require_finished: Literal["both", "chosen", "none"] = "both"
+    # Which teacher (chosen) and student (rejected) samples of a prompt make its pairs: index pairs
+    # sample k with sample k; all, every teacher sample with every student sample; best_vs_worst, the
+    # teacher sample the teacher finds likeliest per token against the student sample it finds least likely.
+    policy: Literal["index", "all", "best_vs_worst"] = "index"
+
+    def per_prompt(self, teacher_samples: int, student_samples: int) -> int:
+        """Pairs each prompt gets (before any is dropped)."""
+        return {"index": teacher_samples, "all": teacher_samples * student_samples, "best_vs_worst": 1}[self.policy]
 
 
 @dataclass(frozen=True)
@@ -388,7 +402,8 @@ def _check_combinations(m: Manifest) -> list[str]:
                     ("eval.judge.max_tokens", e.judge.max_tokens), ("eval.judge.concurrency", e.judge.concurrency),
                     ("eval.mtbench.max_tokens", e.mtbench.max_tokens), ("eval.alpacaeval.max_tokens", e.alpacaeval.max_tokens),
                     ("eval.winrate.max_tokens", e.winrate.max_tokens), ("eval.lmeval.batch_size", e.lmeval.batch_size)]
-    at_least_one += [(f"generate.{role}.max_tokens", getattr(m.generate, role).max_tokens) for role in ("teacher", "student")]
+    at_least_one += [(f"generate.{role}.{key}", getattr(getattr(m.generate, role), key)) for role in ("teacher", "student")
+                     for key in ("max_tokens", "samples") if getattr(getattr(m.generate, role), key) is not None]
     at_least_one += [(f"{key}.limit", limit) for key, limit in [("prompts", m.prompts.limit), ("eval.mtbench", e.mtbench.limit),
                      ("eval.alpacaeval", e.alpacaeval.limit), ("eval.winrate", e.winrate.limit), ("eval.lmeval", e.lmeval.limit)]
                      if limit is not None]
@@ -399,6 +414,12 @@ def _check_combinations(m: Manifest) -> list[str]:
             problems.append(f"generate.{role}.temperature: must be >= 0, got {sampling.temperature}")
         if not 0 < sampling.top_p <= 1:
             problems.append(f"generate.{role}.top_p: must be in (0, 1], got {sampling.top_p}")
+    teacher, student = m.generate.samples("teacher"), m.generate.samples("student")
+    if m.pairs.policy == "index" and teacher != student:
+        problems.append(f"pairs.policy: index pairs teacher sample k with student sample k, but the teacher gives "
+                        f"{teacher} samples per prompt and the student {student} (generate.teacher.samples, "
+                        "generate.student.samples, generate.samples_per_prompt): make them equal, or choose "
+                        "pairs.policy all or best_vs_worst")
     if e.judge.max_retries < 0 or not e.judge.timeout_s > 0:
         problems.append(f"eval.judge: max_retries must be >= 0 and timeout_s > 0, got {e.judge.max_retries} and "
                         f"{e.judge.timeout_s}")

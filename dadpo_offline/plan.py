@@ -85,45 +85,53 @@ def plan(manifest: Manifest) -> dict:
 def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict]:
     """`run`'s steps in order (core/steps.py), each part with its tokens and GPU memory, and the command that
     runs its step alone."""
-    n, samples, p = prompts["count"], m.generate.samples_per_prompt, prompts["tokens"]
+    n, p = prompts["count"], prompts["tokens"]
     tt, ts = m.generate.teacher.max_tokens, m.generate.student.max_tokens
+    n_t, n_s = m.generate.samples("teacher"), m.generate.samples("student")
+    n_pairs = m.pairs.per_prompt(n_t, n_s)
     student, teacher, t = models["student"], models["teacher"], m.train
     reference = models.get("reference", student)  # the dSFT student has the student's size
 
     def tokens(per_prompt: int, formula: str, epochs: int = 1) -> dict:
-        basis = f"prompts × {samples} samples_per_prompt × ({formula})" + (f" × {epochs} epochs" if epochs != 1 else "")
+        """`formula`: the tokens of one prompt's answers or pairs, samples included."""
+        basis = f"prompts × ({formula})" + (f" × {epochs} epochs" if epochs != 1 else "")
         if n is None:
             return {"tokens": UNKNOWN_PROMPTS, "tokens_basis": basis}
-        return {"tokens": n * samples * per_prompt * epochs, "tokens_basis": f"{n:,} {basis}"}
+        return {"tokens": n * per_prompt * epochs, "tokens_basis": f"{n:,} {basis}"}
 
-    def steps(config) -> str:
-        return (f"; {-(-n * samples // config.batch_size) * config.epochs:,} optimiser steps of {config.batch_size}"
+    def steps(config, per_prompt: int) -> str:
+        return (f"; {-(-n * per_prompt // config.batch_size) * config.epochs:,} optimiser steps of {config.batch_size}"
                 if n else "")
 
     def adapter(config) -> str:
         p = config.peft
         return f"; LoRA rank {p.rank}{' on a 4-bit base (QLoRA)' if p.quantize else ''}, adapter + merged/" if p else ""
 
-    generate = lambda k: tokens(k, f"{k:,} max_tokens: an upper bound, answers stop at their end of turn")
-    pair = (2 * p + tt + ts, f"2 × {p:,} prompt + {tt:,} + {ts:,} response tokens")
+    generate = lambda k, samples: tokens(samples * k, f"{samples} samples × {k:,} max_tokens: an upper bound, answers "
+                                                      "stop at their end of turn")
+    scored = (n_t * (p + tt) + n_s * (p + ts),  # every sample is scored: best_vs_worst ranks them all
+              f"{n_t} teacher samples × ({p:,} prompt + {tt:,}) + {n_s} student samples × ({p:,} + {ts:,}) tokens")
+    pair = (n_pairs * (2 * p + tt + ts), f"{n_pairs} pairs ({m.pairs.policy}) × (2 × {p:,} prompt + {tt:,} + {ts:,}) tokens")
     losses = trained_losses(m)
     judge = m.eval.judge.serve and f"{m.eval.judge.serve}, served locally" or m.eval.judge.model or "none set"
     parts = {
         "prompts": {"what": "read, de-duplicate and fit the prompts"},
-        "generate-student": {"model": "student", "what": "sample y_s (rejected)", **generate(ts),
+        "generate-student": {"model": "student", "what": "sample y_s (rejected)", **generate(ts, n_s),
                              "memory": inference_memory(student, m, scoring=False)},
-        "generate-teacher": {"model": "teacher", "what": "sample y_t (chosen)", **generate(tt),
+        "generate-teacher": {"model": "teacher", "what": "sample y_t (chosen)", **generate(tt, n_t),
                              "memory": inference_memory(teacher, m, scoring=False)},
-        "train-sft": {"model": "student", "what": f"dSFT on y_t → {sft_dir}, lr {m.sft.learning_rate:g}" + steps(m.sft)
+        "train-sft": {"model": "student", "what": f"dSFT on y_t → {sft_dir}, lr {m.sft.learning_rate:g}" + steps(m.sft, n_t)
                       + adapter(m.sft),
-                      **tokens(p + tt, f"{p:,} prompt + {tt:,} response tokens", m.sft.epochs),
+                      **tokens(n_t * (p + tt), f"{n_t} teacher samples × ({p:,} prompt + {tt:,} response) tokens",
+                               m.sft.epochs),
                       "memory": train_memory(student, m.sft, sequences=1, length=m.prompts.max_prompt_tokens + tt)},
         "score-teacher": {"model": "teacher", "what": "log π_te of y_t and y_s, teacher's own tokenizer",
-                          **tokens(*pair), "memory": inference_memory(teacher, m, scoring=True)},
+                          **tokens(*scored), "memory": inference_memory(teacher, m, scoring=True)},
         "score-reference": {"model": "reference", "what": "log π_ref of y_t and y_s, π_ref = "
-                            + ("the manifest's reference" if m.reference else "the dSFT student"), **tokens(*pair),
+                            + ("the manifest's reference" if m.reference else "the dSFT student"), **tokens(*scored),
                             "memory": inference_memory(reference, m, scoring=True)},
-        "pairs": {"what": "join prompts, generations and scores per shard (DuckDB, CPU)"},
+        "pairs": {"what": f"pair samples by pairs.policy {m.pairs.policy} ({n_pairs} per prompt): join prompts, "
+                          "generations and scores per shard (DuckDB, CPU)"},
         "eval": {"model": "teacher", "what": f"{', '.join(m.eval.suites)} for teacher, student, sft, {', '.join(losses)} "
                  f"(judge: {judge}); answers and judgments cached", "memory": inference_memory(teacher, m, scoring=False)},
         "report": {"what": f"plots, report.md and report.html in {RunLayout.of(m).report}"}}
@@ -137,7 +145,7 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
     for loss in losses:
         beta1, beta2 = effective_betas(loss, t.beta1, t.beta2)
         parts[f"train-{loss}"] = {"model": "student", "what": f"{loss} from the dSFT student, β1={beta1:g}, β2={beta2:g}, "
-                                  f"lr {t.learning_rate:g}" + steps(t) + adapter(t), **tokens(*pair, t.epochs),
+                                  f"lr {t.learning_rate:g}" + steps(t, n_pairs) + adapter(t), **tokens(*pair, t.epochs),
                                   "memory": train_memory(student, t, sequences=2,
                                                          length=m.prompts.max_prompt_tokens + max(tt, ts))}
     out = []

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from .cache.index import INDEX_NAME, dropped_summary, open_cache
+from .cache.index import INDEX_NAME, dropped_summary, open_cache, pairs_per_prompt
 from .core.layout import RunLayout
 from .core.results import results_grid, verdict_summary
 from .core.steps import training_stages
@@ -131,6 +131,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
                 FROM pairs""").fetchnumpy()
             splits = con.execute("SELECT split, count(*) FROM pairs GROUP BY ALL ORDER BY split").fetchall()
             dropped = dropped_summary(con)
+            per_prompt = pairs_per_prompt(con)
     except (DadpoError, duckdb.Error) as exc:
         missing.append(f"cache: the pairs view cannot be read ({str(exc).splitlines()[0]}) — check: "
                        "dadpo-offline cache verify RUN_DIR/cache")
@@ -139,7 +140,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
     if not len(values["te"]):
         missing.append("cache: the pairs view is empty — run: dadpo-offline precompute MANIFEST --stage score")
         return None
-    return values | {"splits": splits, "dropped": dropped}
+    return values | {"splits": splits, "dropped": dropped, "per_prompt": per_prompt}
 
 
 def finite(column) -> np.ndarray:
@@ -345,6 +346,7 @@ def cache_blocks(margins: dict | None) -> list:
              + ", ".join(f"{split} {n}" for split, n in margins["splits"]) + "); dropped: "
              + (dropped or "none")
              + " (pairs.require_finished; SQL view dropped_pairs)",
+             f"pairs trained on per prompt: {margins['per_prompt']} (pairs.policy)",
              f"δ_te = log π_te(y_w) − log π_te(y_l): mean {te.mean():.3f}, median {np.median(te):.3f} nats per "
              f"sequence; mean {token.mean() if len(token) else float('nan'):.4f} nats per token",
              f"δ_ref = log π_ref(y_w) − log π_ref(y_l): mean {ref.mean() if len(ref) else float('nan'):.3f} nats "

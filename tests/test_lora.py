@@ -58,7 +58,7 @@ def logps(model, sequences):
 
 def cached_sequences(cache_dir, n=4):
     with open_cache(cache_dir).connect(read_only=True) as con:
-        rows = con.execute("SELECT chosen_input_ids, rejected_input_ids FROM pairs ORDER BY prompt_id, sample "
+        rows = con.execute("SELECT chosen_input_ids, rejected_input_ids FROM pairs ORDER BY prompt_id, chosen_sample, rejected_sample "
                            "LIMIT ?", [n // 2]).fetchall()
     return [list(ids) for row in rows for ids in row]
 

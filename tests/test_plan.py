@@ -168,6 +168,21 @@ def test_builtin_prompts_are_counted_from_the_packaged_file(tmp_path, no_models)
     assert 0 < p["prompts"]["tokens"] < 1024
 
 
+def test_per_role_samples_and_pairs_policy_set_the_token_counts(tmp_path, no_models):
+    """2 teacher and 3 student samples per prompt, all 6 pairs: every sample is generated and scored,
+    every pair trained on."""
+    p = plan(load_manifest(write(tmp_path, "prompts: {sources: [{builtin: heldout}], drop_benchmark_overlap: false}\n"
+                                           "generate: {teacher: {samples: 2, max_tokens: 10}, "
+                                           "student: {samples: 3, max_tokens: 20}}\npairs: {policy: all}\n")))
+    n, q = p["prompts"]["count"], p["prompts"]["tokens"]
+    assert stage(p, "generate-teacher")["tokens"] == n * 2 * 10
+    assert stage(p, "generate-student")["tokens"] == n * 3 * 20
+    assert stage(p, "score-teacher")["tokens"] == stage(p, "score-reference")["tokens"] == n * (2 * (q + 10) + 3 * (q + 20))
+    assert stage(p, "train-sft")["tokens"] == n * 2 * (q + 10)
+    assert stage(p, "train-dadpo")["tokens"] == n * 6 * (2 * q + 30)
+    assert "pairs.policy all (6 per prompt)" in stage(p, "pairs")["what"]
+
+
 def test_model_counts_come_from_a_local_config_the_hf_cache_or_the_name(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

@@ -18,7 +18,7 @@ from dadpo_offline.manifest import load_manifest
 from dadpo_offline.precompute.run import precompute
 
 KEY_COLUMNS = {"generations": "prompt_id, sample, role", "scores": "prompt_id, sample, role, scorer",
-               "pairs": "prompt_id, sample"}
+               "pairs": "prompt_id, chosen_sample, rejected_sample"}
 # fp32 vLLM vs fp32 transformers on the same ids: measured ~1e-5 nats per token on this CPU
 SEQUENCE_LOGPROB_TOLERANCE = 2e-3
 
@@ -323,6 +323,7 @@ def test_pairs_policy_names_why_each_dropped_pair_is_left_out(require_finished, 
     import pyarrow as pa
 
     from dadpo_offline.cache.schema import GENERATIONS, PAIRS, PROMPTS, SCORES
+    from dadpo_offline.manifest import PairsConfig
     from dadpo_offline.precompute.stages import pairs_shard
 
     cut = {"p0": (False, False), "p1": (True, False), "p2": (False, True), "p3": (True, True), "p4": (False, True)}
@@ -335,7 +336,7 @@ def test_pairs_policy_names_why_each_dropped_pair_is_left_out(require_finished, 
         {"prompt_id": p, "sample": 0, "role": role, "scorer": scorer, "input_ids": [1, 2], "prompt_len": 1,
          "logprob": -1.0, "n_tokens": 0 if (p, role, scorer) == ("p4", "student", "teacher") else 1}
         for p in cut for role in ("teacher", "student") for scorer in ("teacher", "reference")], schema=SCORES)
-    pairs = pairs_shard(prompts, generations, scores, require_finished)
+    pairs = pairs_shard(prompts, generations, scores, PairsConfig(require_finished=require_finished))
     assert pairs.schema == PAIRS
     assert pairs.column("dropped").to_pylist() == expected
 
@@ -362,7 +363,8 @@ def test_dropped_pairs_are_counted_and_never_trained_on(small_cache, tmp_path):
     dropped = dict(rows(copy, "SELECT dropped, count(*) FROM dropped_pairs GROUP BY ALL"))
     assert dropped and set(dropped) <= {"both truncated", "chosen truncated", "rejected truncated"}
     note = next(r["note"] for r in open_cache(copy).status() if r["stage"] == "pairs" and r["active"])
-    assert note.startswith(f"{finished[0][0]} trained on; dropped: ")
+    assert note.startswith(f"{finished[0][0]} trained on (per prompt: mean ")
+    assert "; policy index); dropped: " in note
     assert all(f"{n} {why}" in note for why, n in dropped.items())
     if finished[0][0]:
         assert len(load_pairs(str(copy))) == finished[0][0]

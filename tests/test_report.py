@@ -28,7 +28,7 @@ def make_cache(root, n=40):
     """Pairs whose teacher margin δ_te is 10 + i/4 nats: mean 14.875 over 40 pairs; and two dropped
     pairs (a cut teacher answer) whose margins must not count."""
     cache = open_cache(root, create=True)
-    rows = [{"prompt_id": f"p{i:03d}", "sample": 0, "split": "train" if i < 30 else "heldout", "category": "writing",
+    rows = [{"prompt_id": f"p{i:03d}", "chosen_sample": 0, "rejected_sample": 0, "split": "train" if i < 30 else "heldout", "category": "writing",
              "chosen_input_ids": [1, 2, 3], "chosen_prompt_len": 1, "rejected_input_ids": [1, 4], "rejected_prompt_len": 1,
              "ref_chosen_logp": -20.0 - i, "ref_rejected_logp": -15.0 - i, "teacher_chosen_logp": -5.0 - i / 4,
              "teacher_rejected_logp": -15.0 - i / 2, "chosen_tokens": 2, "rejected_tokens": 1,
@@ -156,6 +156,7 @@ def test_report_training_and_cache_sections(full_report, run_dir):
     assert "| learning_rate | 5e-07 | 5e-07 | 5e-07 |" in md
     assert ("- pairs trained on: 40 (heldout 10, train 30); dropped: 2 chosen truncated (pairs.require_finished; "
             "SQL view dropped_pairs)") in md
+    assert "- pairs trained on per prompt: mean 0.952, min 0, max 1; policy index (pairs.policy)" in md  # 40 of 42
     assert "mean 14.875, median 14.875 nats per sequence" in md
 
 

@@ -282,7 +282,7 @@ def test_sft_examples_are_the_ids_the_reference_was_scored_on(tiny_cache):
 
     m = load_manifest(tiny_cache)
     examples = load_sft_examples(m.cache_dir, load_chat_format(resolve_model(m.student.model)))
-    chosen = {(p["prompt_id"], p["sample"]): p for p in load_pairs(m.cache_dir)}
+    chosen = {(p["prompt_id"], p["chosen_sample"]): p for p in load_pairs(m.cache_dir)}
     assert len(examples) == 12
     for e in examples:
         pair = chosen[(e["prompt_id"], e["sample"])]

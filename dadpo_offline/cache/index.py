@@ -306,10 +306,11 @@ class CacheIndex:
     def _pairs_note(self, con) -> str:
         try:
             trained = con.execute("SELECT count(*) FROM pairs").fetchone()[0]
+            per_prompt = pairs_per_prompt(con)
             dropped = dropped_summary(con)
         except duckdb.Error:
             return f"unreadable — check: dadpo-offline cache verify {self.root}"
-        return f"{trained} trained on" + (f"; dropped: {dropped}" if dropped else "")
+        return f"{trained} trained on (per prompt: {per_prompt})" + (f"; dropped: {dropped}" if dropped else "")
 
     def verify(self, stages: list[str] | None = None) -> list[str]:
         """Every registered shard and eval artefact file (or the active ones of `stages`): present,
@@ -335,6 +336,19 @@ def dropped_summary(con, split: str | None = None) -> str:
     counts = con.execute("SELECT dropped, count(*) FROM dropped_pairs WHERE ? IS NULL OR split = ? "
                          "GROUP BY ALL ORDER BY 2 DESC, 1", [split, split]).fetchall()
     return ", ".join(f"{n} {why}" for why, n in counts)
+
+
+def pairs_per_prompt(con) -> str:
+    """Trained pairs per prompt (a prompt whose pairs are all dropped counts 0) and the `pairs.policy`
+    that made them, from the active pairs stage's settings, e.g. 'mean 3.5, min 2, max 4; policy all'."""
+    mean, low, high = con.execute("""
+        SELECT avg(n), min(n), max(n)
+        FROM (SELECT prompt_id, count(*) FILTER (WHERE dropped IS NULL) AS n
+              FROM (SELECT prompt_id, dropped FROM pairs UNION ALL SELECT prompt_id, dropped FROM dropped_pairs)
+              GROUP BY prompt_id)""").fetchone()
+    row = con.execute("SELECT settings->>'policy' FROM stages WHERE stage = 'pairs' AND active").fetchone()
+    policy = (row and row[0]) or "index"  # pairs built before pairs.policy existed paired by index
+    return "none" if mean is None else f"mean {mean:.3g}, min {low}, max {high}; policy {policy}"
 
 
 def lock_holder_message(index: Path, duckdb_message: str, held_by_reader: bool, waited_s: float = LOCK_WAIT_S) -> str:

@@ -46,12 +46,14 @@ SCORES = pa.schema([
     ("n_tokens", pa.int32()),
 ])
 
-# One row per trainable pair: chosen = teacher response, rejected = student response, same sample.
-# Token ids and reference numbers are the student's (reference) view; teacher numbers its own.
-# Materialised per shard (stage `pairs`) so that reading pairs costs a scan, not six joins.
+# One row per pair: chosen = a teacher response, rejected = a student response, the samples of each
+# that `pairs.policy` (recorded in `policy`) pairs. Token ids and reference numbers are the student's
+# (reference) view; teacher numbers its own. Materialised per shard (stage `pairs`) so that reading
+# pairs costs a scan, not six joins.
 PAIRS = pa.schema([
     ("prompt_id", pa.string()),
-    ("sample", pa.int32()),
+    ("chosen_sample", pa.int32()),  # the teacher's sample number in `generations` and `scores`
+    ("rejected_sample", pa.int32()),  # the student's
     ("split", pa.string()),
     ("category", pa.string()),
     ("chosen_input_ids", ids),  # student ids of prompt + teacher response
@@ -68,32 +70,50 @@ PAIRS = pa.schema([
     ("teacher_rejected_tokens", pa.int32()),
     ("chosen_truncated", pa.bool_()),
     ("rejected_truncated", pa.bool_()),
+    ("policy", pa.string()),  # the pairs.policy that chose these samples: index | all | best_vs_worst
     ("dropped", pa.string()),  # why the pair is not trained on (the CASE in PAIRS_JOIN_SQL), null when it is
 ])
 
-# Joins one shard's prompts, generations and scores (tables registered under these names). `dropped`:
-# a side with no scored token, or an answer cut at max_tokens that `pairs.require_finished` asks to have ended.
+# Joins one shard's prompts, generations and scores (tables registered under these names).
+# `answers`: every sample with both scores; `eligible` when it may be trained on (scored tokens, and
+# ended if `pairs.require_finished` asks it to); `rank` orders a prompt's samples of one role for
+# best_vs_worst: eligible ones first, then teacher samples by the teacher's log-prob per token, high
+# to low, student samples low to high, ties by sample number. `dropped`: a side with no scored
+# token, or an answer cut at max_tokens that `pairs.require_finished` asks to have ended.
 PAIRS_JOIN_SQL = """
-SELECT p.prompt_id, rc.sample, p.split, p.category,
-       rc.input_ids AS chosen_input_ids, rc.prompt_len AS chosen_prompt_len,
-       rr.input_ids AS rejected_input_ids, rr.prompt_len AS rejected_prompt_len,
-       rc.logprob AS ref_chosen_logp, rr.logprob AS ref_rejected_logp,
-       tc.logprob AS teacher_chosen_logp, tr.logprob AS teacher_rejected_logp,
-       rc.n_tokens AS chosen_tokens, rr.n_tokens AS rejected_tokens,
-       tc.n_tokens AS teacher_chosen_tokens, tr.n_tokens AS teacher_rejected_tokens,
-       gt.truncated AS chosen_truncated, gs.truncated AS rejected_truncated,
-       CASE WHEN least(rc.n_tokens, rr.n_tokens, tc.n_tokens, tr.n_tokens) < 1 THEN 'no scored tokens'
-            WHEN $require_finished = 'both' AND gt.truncated AND gs.truncated THEN 'both truncated'
-            WHEN $require_finished IN ('both', 'chosen') AND gt.truncated THEN 'chosen truncated'
-            WHEN $require_finished = 'both' AND gs.truncated THEN 'rejected truncated' END AS dropped
+WITH answers AS (
+    SELECT g.prompt_id, g.sample, g.role, g.truncated, r.input_ids, r.prompt_len, r.logprob AS ref_logp,
+           r.n_tokens AS ref_tokens, t.logprob AS teacher_logp, t.n_tokens AS teacher_tokens,
+           least(r.n_tokens, t.n_tokens) >= 1 AND NOT (g.truncated AND (
+               $require_finished = 'both' OR ($require_finished = 'chosen' AND g.role = 'teacher'))) AS eligible
+    FROM generations g
+    JOIN scores r ON r.prompt_id = g.prompt_id AND r.sample = g.sample AND r.role = g.role AND r.scorer = 'reference'
+    JOIN scores t ON t.prompt_id = g.prompt_id AND t.sample = g.sample AND t.role = g.role AND t.scorer = 'teacher'
+), ranked AS (
+    SELECT *, row_number() OVER (PARTITION BY prompt_id, role ORDER BY eligible DESC,
+        CASE role WHEN 'teacher' THEN -1 ELSE 1 END * teacher_logp / nullif(teacher_tokens, 0) NULLS LAST,
+        sample) AS rank
+    FROM answers
+)
+SELECT p.prompt_id, c.sample AS chosen_sample, r.sample AS rejected_sample, p.split, p.category,
+       c.input_ids AS chosen_input_ids, c.prompt_len AS chosen_prompt_len,
+       r.input_ids AS rejected_input_ids, r.prompt_len AS rejected_prompt_len,
+       c.ref_logp AS ref_chosen_logp, r.ref_logp AS ref_rejected_logp,
+       c.teacher_logp AS teacher_chosen_logp, r.teacher_logp AS teacher_rejected_logp,
+       c.ref_tokens AS chosen_tokens, r.ref_tokens AS rejected_tokens,
+       c.teacher_tokens AS teacher_chosen_tokens, r.teacher_tokens AS teacher_rejected_tokens,
+       c.truncated AS chosen_truncated, r.truncated AS rejected_truncated, $policy AS policy,
+       CASE WHEN least(c.ref_tokens, r.ref_tokens, c.teacher_tokens, r.teacher_tokens) < 1 THEN 'no scored tokens'
+            WHEN $require_finished = 'both' AND c.truncated AND r.truncated THEN 'both truncated'
+            WHEN $require_finished IN ('both', 'chosen') AND c.truncated THEN 'chosen truncated'
+            WHEN $require_finished = 'both' AND r.truncated THEN 'rejected truncated' END AS dropped
 FROM prompts p
-JOIN scores rc ON rc.prompt_id = p.prompt_id AND rc.role = 'teacher' AND rc.scorer = 'reference'
-JOIN scores rr ON rr.prompt_id = p.prompt_id AND rr.sample = rc.sample AND rr.role = 'student' AND rr.scorer = 'reference'
-JOIN scores tc ON tc.prompt_id = p.prompt_id AND tc.sample = rc.sample AND tc.role = 'teacher' AND tc.scorer = 'teacher'
-JOIN scores tr ON tr.prompt_id = p.prompt_id AND tr.sample = rc.sample AND tr.role = 'student' AND tr.scorer = 'teacher'
-JOIN generations gt ON gt.prompt_id = p.prompt_id AND gt.sample = rc.sample AND gt.role = 'teacher'
-JOIN generations gs ON gs.prompt_id = p.prompt_id AND gs.sample = rc.sample AND gs.role = 'student'
-ORDER BY p.prompt_id, rc.sample
+JOIN ranked c ON c.prompt_id = p.prompt_id AND c.role = 'teacher'
+JOIN ranked r ON r.prompt_id = p.prompt_id AND r.role = 'student'
+WHERE CASE $policy WHEN 'index' THEN c.sample = r.sample
+                   WHEN 'all' THEN true
+                   WHEN 'best_vs_worst' THEN c.rank = 1 AND r.rank = 1 END
+ORDER BY p.prompt_id, c.sample, r.sample
 """
 
 # Eval: answers of each model to each benchmark's questions, one row per (question, turn).

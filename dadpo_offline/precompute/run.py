@@ -91,9 +91,10 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     settings = {"prompts": prompt_settings}
     for role in ("student", "teacher"):
         r = roles[role]
+        sampling = dataclasses.asdict(getattr(manifest.generate, role))
+        del sampling["samples"]  # the resolved count below: older caches, which had one count, keep their fingerprints
         settings[f"generate-{role}"] = {"prompts": fps["prompts"], **_model_settings(r, backend, manifest),
-                                        "sampling": dataclasses.asdict(getattr(manifest.generate, role)),
-                                        "samples_per_prompt": manifest.generate.samples_per_prompt}
+                                        "sampling": sampling, "samples_per_prompt": manifest.generate.samples(role)}
         fps[f"generate-{role}"] = fingerprint(settings[f"generate-{role}"])
     for scorer in ("teacher", "reference"):
         settings[f"score-{scorer}"] = {"prompts": fps["prompts"], "generate-teacher": fps["generate-teacher"],
@@ -122,11 +123,11 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
             return pairs_shard(shard_prompts(k),
                                _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate"),
                                _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"),
-                               manifest.pairs.require_finished)
+                               manifest.pairs)
         role = roles[name.split("-", 1)[1]]
         if name.startswith("generate-"):
             return generate_shard(shard_prompts(k), role.name, role.fmt, engines.get(role),
-                                  getattr(manifest.generate, role.name), manifest.generate.samples_per_prompt)
+                                  getattr(manifest.generate, role.name), manifest.generate.samples(role.name))
         generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
         ids_column = "teacher_prompt_ids" if role.name == "teacher" else "student_prompt_ids"
         return score_shard(shard_prompts(k), generations, {"teacher": roles["teacher"].fmt,

@@ -13,7 +13,7 @@ import pyarrow as pa
 from ..cache.query import arrow_table
 from ..cache.schema import GENERATIONS, PAIRS, PAIRS_JOIN_SQL, PROMPTS, SCORES
 from ..errors import InputError, ModelError
-from ..manifest import SamplingConfig
+from ..manifest import PairsConfig, SamplingConfig
 from ..core.chat import ChatFormat
 from ..core.engines import Request, request_seed
 from ..core.prompts import Prompt, make_prompt
@@ -93,13 +93,20 @@ def score_shard(prompts: pa.Table, generations: pa.Table, generator_formats: dic
     } for row, seq, start, lps in zip(rows, sequences, prompt_lens, token_logprobs)], schema=SCORES)
 
 
-def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, require_finished: str) -> pa.Table:
-    """One row per (prompt, sample) with everything training reads, joined once, here, per shard;
-    `dropped` names why a pair is not trained on (`pairs.require_finished`, a side with no tokens)."""
+def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, config: PairsConfig) -> pa.Table:
+    """One row per pair that `config.policy` makes of a prompt's samples, with everything training reads,
+    joined once, here, per shard; `dropped` names why a pair is not trained on (`pairs.require_finished`,
+    a side with no tokens).
+
+    best_vs_worst ranks finished answers (as `require_finished` asks) before cut ones: the best teacher
+    answer that may be trained on is paired, rather than a cut better-scoring one whose pair would be dropped;
+    a prompt with no such answer on a side keeps one pair, in `dropped_pairs`, saying why.
+    """
     con = duckdb.connect()
     try:
         for name, table in (("prompts", prompts), ("generations", generations), ("scores", scores)):
             con.register(name, table)
-        return arrow_table(con.sql(PAIRS_JOIN_SQL, params={"require_finished": require_finished})).cast(PAIRS)
+        params = {"require_finished": config.require_finished, "policy": config.policy}
+        return arrow_table(con.sql(PAIRS_JOIN_SQL, params=params)).cast(PAIRS)
     finally:
         con.close()

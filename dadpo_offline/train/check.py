@@ -72,7 +72,8 @@ def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float
     """Measure both gaps on the first `pairs` pairs, through `trainer`'s collator and input path."""
     dataset = trainer.train_dataset
     features = [dataset[i] for i in range(min(pairs, len(dataset)))]
-    stored, scored_with = stored_scores(cache_dir, [(f["prompt_id"], f["sample"]) for f in features])
+    stored, scored_with = stored_scores(cache_dir, list({(f["prompt_id"], f[f"{side}_sample"]) for f in features
+                                                         for side in ("chosen", "rejected")}))
     cached_model = scored_with.get("model", "?")
     training_dtype = "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else "float32"
     cached_dtype = scored_with.get("engine", {}).get("dtype", "bfloat16")
@@ -94,14 +95,15 @@ def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float
                                               inputs["prompt_lens"], inputs["seq_lens"])
             prompt_lens, seq_lens = inputs["prompt_lens"].tolist(), inputs["seq_lens"].tolist()
             for row, f in enumerate(chunk):
-                key = (f["prompt_id"], f["sample"])
-                expected = [stored[(*key, role, scorer)][1] for scorer in ("reference", "teacher")
-                            for role in ("teacher", "student")]  # chosen = teacher's answer, rejected = student's
+                # chosen = the teacher's answer, rejected = the student's
+                key = {"teacher": (f["prompt_id"], f["chosen_sample"]), "student": (f["prompt_id"], f["rejected_sample"])}
+                expected = [stored[(*key[role], role, scorer)][1] for scorer in ("reference", "teacher")
+                            for role in ("teacher", "student")]
                 anchor_gaps.extend((received[row] - torch.tensor(expected, dtype=torch.float64)).abs().tolist())
                 for side, role in enumerate(("teacher", "student")):
                     i = row + side * len(chunk)  # the collator puts chosen rows first, then rejected rows
                     ours = logps[i, prompt_lens[i] - first:seq_lens[i] - first].double().cpu()
-                    cached_tokens = torch.tensor(stored[(*key, role, "reference")][0], dtype=torch.float64)
+                    cached_tokens = torch.tensor(stored[(*key[role], role, "reference")][0], dtype=torch.float64)
                     token_gaps.extend((ours - cached_tokens).abs().tolist())
                     seq_gaps.append(abs(ours.sum().item() - received[row, side].item()))
     finally:

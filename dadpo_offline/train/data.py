@@ -20,7 +20,7 @@ from ..cache.index import dropped_summary, open_cache
 from ..errors import CacheError
 
 ANCHORS = ["ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp", "teacher_rejected_logp"]
-PAIR_COLUMNS = ["prompt_id", "sample", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
+PAIR_COLUMNS = ["prompt_id", "chosen_sample", "rejected_sample", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
                 "rejected_prompt_len", *ANCHORS, "chosen_tokens", "rejected_tokens"]
 
 
@@ -54,10 +54,14 @@ def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -
     cache = open_cache(cache_dir)
     cache.ready_fingerprint("pairs", "score")
     cache.check_intact(["pairs"], "dadpo-offline precompute MANIFEST --stage score")
-    query = (f"SELECT {', '.join(PAIR_COLUMNS)} FROM pairs WHERE split = ? ORDER BY prompt_id, sample"
-             + (" LIMIT ?" if limit else ""))
+    query = (f"SELECT {', '.join(PAIR_COLUMNS)} FROM pairs WHERE split = ? "
+             "ORDER BY prompt_id, chosen_sample, rejected_sample" + (" LIMIT ?" if limit else ""))
     with cache.connect(read_only=True) as con:
-        table = con.sql(query, params=[split, limit] if limit else [split]).to_arrow_table()
+        try:
+            table = con.sql(query, params=[split, limit] if limit else [split]).to_arrow_table()
+        except duckdb.BinderException:  # pairs shards from before pairs.policy: no chosen_sample column
+            raise CacheError(f"the pairs in {cache.root} were built by an older dadpo-offline — rebuild them with: "
+                             "dadpo-offline precompute MANIFEST --stage score") from None
         dropped = dropped_summary(con, split)
     if table.num_rows == 0 and dropped:
         raise CacheError(f"no {split} pairs to train on in {cache.root}: all are dropped ({dropped}) — raise "
