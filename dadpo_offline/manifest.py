@@ -225,6 +225,7 @@ class SweepConfig:
     beta1: list[float] = field(default_factory=list)  # default [train.beta1]; a loss that ignores beta1 trains once
     beta2: list[float] = field(default_factory=list)  # default [train.beta2]; a loss that ignores beta2 trains once
     seeds: list[int] = field(default_factory=list)  # default [train.seed]
+    axes: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # loss -> {beta1/beta2: its own axis}, e.g. {rdpo: {beta2: [0.1]}}
     suites: list[Literal[EVAL_SUITES]] = field(default_factory=lambda: ["likelihood"])  # judge-free by default
     output_dir: Optional[str] = None  # default: <cache_dir>/../sweep; points/<point>/ and the table and plots
 
@@ -490,6 +491,12 @@ def _loss_problems(t: TrainConfig, s: SweepConfig) -> list[str]:
                 for name in names if name not in LOSSES]
     problems += [f"sweep.{key} must be >= 0, got {value}" for key in ("beta1", "beta2") for value in getattr(s, key)
                  if value < 0]
+    for name, axes in s.axes.items():
+        problems += [f"sweep.axes: {name!r} is not one of {known}"] if name not in LOSSES else []
+        problems += [f"sweep.axes.{name}.{key}: only beta1 and beta2 have per-loss axes" for key in axes
+                     if key not in ("beta1", "beta2")]
+        problems += [f"sweep.axes.{name}.{key} must be >= 0, got {value}" for key, values in axes.items()
+                     for value in values if value < 0]
     problems += [f"train.{key} must be >= 0, got {getattr(t, key)}"
                  for key in ("beta1", "beta2", "step0_pairs", "step0_max_token_gap")
                  if getattr(t, key) is not None and getattr(t, key) < 0]

@@ -164,5 +164,12 @@ def test_sweep_leaves_out_a_point_without_an_anchor_and_refuses_an_empty_grid(ti
     listed = [line.split()[0] for line in dry.stdout.splitlines()[1:-1] if not line.strip().startswith("(")]
     assert listed == ["rdpo-b1_0-b2_1-seed_42", "dadpo-b1_0.1-b2_0-seed_42", "dadpo-b1_0.1-b2_1-seed_42"]
     assert "(rdpo at β1=0, β2=0: no anchor (needs a positive beta2), not trained)" in dry.stdout
+    own = invoke("sweep", tiny_cache, "--loss", "rdpo,dadpo", "--beta1", "0.1", "--beta2", "0,1", "--dry-run",
+                 "--set", "sweep.axes={rdpo: {beta2: [0.1]}}")  # rDPO's β2 held at one value, daDPO's swept
+    listed = [line.split()[0] for line in own.stdout.splitlines()[1:-1] if not line.strip().startswith("(")]
+    assert listed == ["rdpo-b1_0-b2_0.1-seed_42", "dadpo-b1_0.1-b2_0-seed_42", "dadpo-b1_0.1-b2_1-seed_42"], own.output
+    bad = invoke("sweep", tiny_cache, "--dry-run", "--set", "sweep.axes={dpo: {beta3: [-1]}}")
+    assert bad.exit_code == 1 and "sweep.axes: 'dpo' is not one of" in bad.output
+    assert "sweep.axes.dpo.beta3: only beta1 and beta2 have per-loss axes" in bad.output
     empty = invoke("sweep", tiny_cache, "--loss", "ddpo", "--beta1", "0", "--dry-run")
     assert empty.exit_code == 1 and "every point lacks an anchor" in empty.output

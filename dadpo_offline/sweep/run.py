@@ -40,13 +40,15 @@ class Point:
 
 
 def grid(m: Manifest) -> tuple[list[Point], list[str]]:
-    """Every distinct point of sweep.* (an empty axis takes train.*'s value), and a note for each loss and
+    """Every distinct point of sweep.* (an empty axis takes train.*'s value; sweep.axes replaces an axis
+    for one loss), and a note for each loss and
     beta pair left out because the loss would have no anchor there (rDPO at β2 = 0: no loss at all)."""
     s, t = m.sweep, m.train
     axes = {"beta1": s.beta1 or [t.beta1], "beta2": s.beta2 or [t.beta2]}
     points, dropped = {}, {}
     for loss in s.losses or [t.loss]:
-        along = lambda beta: axes[beta] if beta in LOSSES[loss].uses else [0.0]
+        own = s.axes.get(loss, {})  # a loss's own axis, e.g. rDPO's β2 (its DPO temperature) held at one value
+        along = lambda beta: (own.get(beta) or axes[beta]) if beta in LOSSES[loss].uses else [0.0]
         for b1 in along("beta1"):
             for b2 in along("beta2"):
                 if b1 + b2 <= 0:
