@@ -292,7 +292,9 @@ def eval_command(manifest, overrides, suites, models, only, output_dir):
     Judges: any OpenAI-compatible endpoint (eval.judge.base_url / model; key from the variable
     named by eval.judge.api_key_env). Verdicts are read from the judge's log-probabilities of the
     verdict tokens where it returns them (eval.judge.logprobs), else from the text; the report
-    counts each way. SQL: answers, judgments and eval_results views.
+    counts each way. likelihood needs no judge: teacher log-prob of greedy answers, KL(model‖teacher)
+    and cross-entropy on the teacher's samples (eval.likelihood.samples per prompt, temperature 1).
+    SQL: answers, answer_scores, judgments and eval_results views.
 
     \b
     Example:

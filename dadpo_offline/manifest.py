@@ -202,6 +202,12 @@ class LmEvalConfig:
     batch_size: int = 8  # lm-eval batch size
 
 
+@dataclass(frozen=True)
+class LikelihoodConfig:
+    samples: int = 2  # answers per held-out prompt at temperature 1.0, top_p 1.0: unbiased draws of the model's own distribution
+    max_tokens: int = 128  # budget of each sampled answer (cut ones are scored as prefixes)
+
+
 EVAL_SUITES = ("mtbench", "alpacaeval", "winrate", "lmeval", "likelihood")
 
 
@@ -216,6 +222,7 @@ class EvalConfig:
     alpacaeval: AlpacaEvalConfig = field(default_factory=AlpacaEvalConfig)
     winrate: WinRateConfig = field(default_factory=WinRateConfig)
     lmeval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
 
 
 @dataclass(frozen=True)
@@ -402,7 +409,8 @@ def _check_combinations(m: Manifest) -> list[str]:
                     ("prune.calibration_prompts", m.prune.calibration_prompts),
                     ("eval.judge.max_tokens", e.judge.max_tokens), ("eval.judge.concurrency", e.judge.concurrency),
                     ("eval.mtbench.max_tokens", e.mtbench.max_tokens), ("eval.alpacaeval.max_tokens", e.alpacaeval.max_tokens),
-                    ("eval.winrate.max_tokens", e.winrate.max_tokens), ("eval.lmeval.batch_size", e.lmeval.batch_size)]
+                    ("eval.winrate.max_tokens", e.winrate.max_tokens), ("eval.lmeval.batch_size", e.lmeval.batch_size),
+                    ("eval.likelihood.samples", e.likelihood.samples), ("eval.likelihood.max_tokens", e.likelihood.max_tokens)]
     at_least_one += [(f"generate.{role}.{key}", getattr(getattr(m.generate, role), key)) for role in ("teacher", "student")
                      for key in ("max_tokens", "samples") if getattr(getattr(m.generate, role), key) is not None]
     at_least_one += [(f"{key}.limit", limit) for key, limit in [("prompts", m.prompts.limit), ("eval.mtbench", e.mtbench.limit),

@@ -23,6 +23,7 @@ eval:
   suites: [winrate, likelihood]
   judge: {{base_url: "{judge_server['base_url']}", model: {judge_server['model']}, max_tokens: 24, concurrency: 4}}
   winrate: {{limit: 3, max_tokens: 12}}
+  likelihood: {{samples: 2, max_tokens: 12}}
 """, encoding="utf-8")
     return path
 
@@ -41,6 +42,8 @@ def test_run_chains_every_step_and_a_rerun_redoes_nothing(tmp_path, prompts_file
     assert set(summary["models"]) == {"teacher", "student", "sft", "dadpo", "ddpo"}
     likelihood = {r["model"]: r["value"] for r in summary["results"] if r["metric"] == "teacher_logp_per_token"}
     assert set(likelihood) == set(summary["models"]) and all(v < 0 for v in likelihood.values())
+    kl = {r["model"]: r["value"] for r in summary["results"] if r["metric"] == "reverse_kl_per_token"}
+    assert set(kl) == set(summary["models"]) and kl["teacher"] == 0
     scored = {r["model"] for r in summary["results"] if r["metric"] == "score_vs_teacher"}
     assert scored == {"student", "sft", "dadpo", "ddpo"}
     report = (run / "report" / "report.md").read_text()

@@ -72,7 +72,7 @@ def build_stage(cache: CacheIndex, stage: str, fingerprint: str, settings: dict,
         if k in done:
             report.skipped += 1
             if read_back:
-                tables.append(read_shard(registered[k].path))
+                tables.append(with_columns_of(read_shard(registered[k].path), STAGES[stage]))
             continue
         table = build(k)
         written = write_shard(table, shard_path(stage_dir, k), {"stage": stage, "fingerprint": fingerprint, "shard": k})
@@ -93,3 +93,11 @@ def build_stage(cache: CacheIndex, stage: str, fingerprint: str, settings: dict,
     if read_back:
         table = pa.concat_tables(tables) if tables else STAGES[stage].empty_table()
     return BuiltStage(report, table)
+
+
+def with_columns_of(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A shard read back in the stage's current layout: a column added since it was written reads as null."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names)

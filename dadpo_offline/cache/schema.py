@@ -129,6 +129,22 @@ ANSWERS = pa.schema([
     ("finish_reason", pa.string()),  # stop | length
     ("temperature", pa.float32()),
     ("seed", pa.int64()),
+    # exactly what was sampled, end-of-turn included when it stopped; null in shards written before
+    # this column existed (views read answers by column name)
+    ("token_ids", ids),
+])
+
+# Eval: one answer's log-probs under one model (the likelihood suite), that model's own tokenizer and
+# chat template. One row per (answer, scorer); keyed by the scorer's identity and the answers' content.
+ANSWER_SCORES = pa.schema([
+    ("suite", pa.string()),  # the answers' suite: winrate (greedy) | likelihood (sampled)
+    ("model", pa.string()),  # whose answer
+    ("question_id", pa.string()),  # likelihood: `<prompt id>#<sample>`
+    ("turn", pa.int32()),
+    ("scorer", pa.string()),  # whose log-probs: the scoring model's eval name
+    ("token_logprobs", pa.list_(pa.float32())),  # one per response token of the scorer's tokenisation
+    ("logprob", pa.float64()),  # their sum; end-of-turn included when the answer ended
+    ("n_tokens", pa.int32()),
 ])
 
 # Every judge call, kept for audit: the exact request text and the raw reply.
@@ -178,6 +194,7 @@ STAGES = {
     "score-reference": SCORES,
     "pairs": PAIRS,
     "answers": ANSWERS,
+    "answer-scores": ANSWER_SCORES,
     "judgments": JUDGMENTS,
     "eval-results": EVAL_RESULTS,
 }
@@ -189,7 +206,7 @@ FILE_STAGES = {
 }
 # Stages whose fingerprints all stay visible (one per model and benchmark, one per eval run)
 # instead of the newest replacing the rest.
-ACCUMULATING = {"answers", "judgments", "eval-results", *FILE_STAGES}
+ACCUMULATING = {"answers", "answer-scores", "judgments", "eval-results", *FILE_STAGES}
 # view -> the stages whose active shards it reads
 VIEW_STAGES = {
     "prompts": ["prompts"],
@@ -198,12 +215,13 @@ VIEW_STAGES = {
     "pairs": ["pairs"],
     "dropped_pairs": ["pairs"],
     "answers": ["answers"],
+    "answer_scores": ["answer-scores"],
     "judgments": ["judgments"],
     "eval_results": ["eval-results"],
 }
 # Views that show only some rows of their shards: `pairs` is what training reads.
 VIEW_FILTERS = {"pairs": "dropped IS NULL", "dropped_pairs": "dropped IS NOT NULL"}
-# Views whose shards may predate a column (a filter's, judgments.method): read by column name, the
-# missing column as null. Only these: reading by name opens every shard's footer when the view is
-# made, so a damaged shard there fails at once instead of when (and if) a query reads it.
-VIEWS_BY_NAME = {"pairs", "dropped_pairs", "judgments"}
+# Views whose shards may predate a column (a filter's, judgments.method, answers.token_ids): read by
+# column name, the missing column as null. Only these: reading by name opens every shard's footer when
+# the view is made, so a damaged shard there fails at once instead of when (and if) a query reads it.
+VIEWS_BY_NAME = {"pairs", "dropped_pairs", "answers", "judgments"}

@@ -62,6 +62,6 @@ def answer_shard(questions: list[Question], suite: str, name: str, fmt, engine) 
                          "turn": turn, "messages": json.dumps(conversations[q.question_id], ensure_ascii=False),
                          "text": text, "n_tokens": len(out.token_ids),
                          "finish_reason": "stop" if out.finished else "length", "temperature": q.temperature,
-                         "seed": seed})
+                         "seed": seed, "token_ids": out.token_ids})
             conversations[q.question_id].append({"role": "assistant", "content": text})
     return pa.Table.from_pylist(rows, schema=ANSWERS)

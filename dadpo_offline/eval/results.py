@@ -15,6 +15,9 @@ from ..files import atomic_text
 HEADLINE = [  # (column title, suite, metric) in the comparison table
     ("MT-Bench", "mtbench", "overall"), ("MT-Bench T1", "mtbench", "turn1"), ("MT-Bench T2", "mtbench", "turn2"),
     ("AlpacaEval win %", "alpacaeval", "win_rate"), ("AlpacaEval LC %", "alpacaeval", "length_controlled_winrate"),
+    ("teacher logp/token [95% CI]", "likelihood", "teacher_logp_per_token"),
+    ("KL(model‖teacher)/token [95% CI]", "likelihood", "reverse_kl_per_token"),
+    ("CE on teacher answers/token [95% CI]", "likelihood", "teacher_answer_ce_per_token"),
 ]
 
 
@@ -49,7 +52,7 @@ def markdown_report(run_id: str, models: dict[str, str], judge: str | None, rows
     if len(header) > 1:
         lines += ["", "## Results", "", "| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
-    lines += winrate_section(rows) + mtbench_section(rows, names)
+    lines += winrate_section(rows) + likelihood_section(rows, names) + mtbench_section(rows, names)
     lines += verdict_counts(rows)
     misses = [r for r in rows if r["metric"].startswith("unparsed") and r["value"]]
     if misses:
@@ -75,6 +78,20 @@ def winrate_section(rows: list[dict]) -> list[str]:
                      f"{cell(m.get('win_rate'))} | {cell(m.get('score'))} | {cell(m.get('net'))} | "
                      f"{cell(m.get('inconsistency_rate'))} | {count('unparsed_judgments')} | {cell(m.get('preference'))} |")
     return lines
+
+
+def likelihood_section(rows: list[dict], names: list[str]) -> list[str]:
+    """The headline likelihood metrics minus the student's, intervals paired over the same resampled prompts."""
+    value = {(r["model"], r["metric"]): r for r in rows if r["suite"] == "likelihood"}
+    columns = [(title.removesuffix(" [95% CI]"), metric + "_vs_student") for title, suite, metric in HEADLINE
+               if suite == "likelihood" and any(m == metric + "_vs_student" for _, m in value)]
+    shown = [name for name in names if any((name, metric) in value for _, metric in columns)]
+    if not shown:
+        return []
+    lines = ["", "## Likelihood minus the student's (paired 95% CI)", "",
+             "| model | " + " | ".join(title for title, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    return lines + [f"| {name} | " + " | ".join(cell(value.get((name, metric))) for _, metric in columns) + " |"
+                    for name in shown]
 
 
 def verdict_counts(rows: list[dict]) -> list[str]:

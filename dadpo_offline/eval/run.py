@@ -22,10 +22,9 @@ from ..core.engines import pick_backend
 from ..core.layout import RunLayout
 from ..core.roles import Engines, model_role
 from ..core.steps import training_stages
-from . import mtbench, winrate
+from . import likelihood, mtbench, winrate
 from .answers import Question, generate_answers
 from .judge import Judge, judged
-from .likelihood import teacher_likelihood
 from .results import markdown_report, save_results
 from .serve import served_judge
 
@@ -93,24 +92,31 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
         questions["mtbench"] = mtbench.to_questions(bench, e.mtbench.max_tokens)
     if "winrate" in suites or "likelihood" in suites:
         questions["winrate"] = winrate.to_questions(e.winrate)
+    if "likelihood" in suites:
+        questions["likelihood"] = likelihood.sampled_questions(questions["winrate"], e.likelihood)
     if "alpacaeval" in suites:
         questions["alpacaeval"] = [Question(f"{i:05d}", item.get("dataset") or "",
                                             ({"role": "user", "content": item["instruction"]},), (), 0.0,
                                             e.alpacaeval.max_tokens) for i, item in enumerate(instructions)]
     start = time.perf_counter()
-    answers, rows = {}, []
+    answers, rows, scores = {}, [], {}
     if questions:
         engines = Engines(manifest, pick_backend(manifest.engine.backend))
         try:
             roles = {name: model_role(name, config) for name, config in models.items()}
+            if "likelihood" in suites:  # the teacher first: each other model scores its samples while loaded
+                roles = {"teacher": roles["teacher"]} | roles
             for role in roles.values():
                 for suite, asked in questions.items():
-                    answers.setdefault(suite, []).append(generate_answers(cache, suite, role, asked, engines))
-            answers = {suite: pa.concat_tables(tables) for suite, tables in answers.items()}
+                    answers[(suite, role.name)] = generate_answers(cache, suite, role, asked, engines)
+                if "likelihood" in suites:
+                    scores |= likelihood.score_while_loaded(cache, role, roles["teacher"], answers, engines)
             if "likelihood" in suites:
-                rows += teacher_likelihood(answers["winrate"], questions["winrate"], roles["teacher"], engines)
+                scores |= likelihood.score_by_teacher(cache, roles["teacher"], roles, answers, engines)
+                rows += likelihood.likelihood_rows([q.question_id for q in questions["winrate"]], scores, list(roles))
         finally:
             engines.close()
+    answers = {suite: pa.concat_tables([t for (s, _), t in answers.items() if s == suite]) for suite in questions}
     seconds = {"answers": round(time.perf_counter() - start, 1)}
     judge = None
     # the judge (a local server takes the GPU the answer engine gave back) only while judging
