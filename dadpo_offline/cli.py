@@ -91,8 +91,10 @@ def precompute(manifest, overrides, stage, shard_spec, force):
 @main.command(context_settings=CONTEXT)
 @manifest_options
 @click.option("--dry-run", is_flag=True, help="Validate the manifest and print the plan; download and load nothing.")
+@click.option("--through", metavar="STEP", help="Stop after this step (prune, generate, dsft, score, a loss, eval): "
+              "e.g. --through score leaves the cache and reference a sweep trains from.")
 @domain_errors
-def run(manifest, overrides, dry_run):
+def run(manifest, overrides, dry_run, through):
     """Run the whole pipeline for a manifest (default: manifests/demo.yaml).
 
     \b
@@ -104,6 +106,7 @@ def run(manifest, overrides, dry_run):
     Example:
       dadpo-offline run
       dadpo-offline run manifests/qwen7b_to_qwen1.5b.yaml --dry-run
+      dadpo-offline run manifests/study.yaml --through score
     """
     m = load(manifest, overrides)
     if dry_run:
@@ -114,7 +117,7 @@ def run(manifest, overrides, dry_run):
     from .core.layout import RunLayout
     from .pipeline import format_steps, run_pipeline
 
-    steps = run_pipeline(m)
+    steps = run_pipeline(m, through)
     click.echo(format_steps(steps))
     click.echo(f"report: {RunLayout.of(m).report / 'report.md'}; query: dadpo-offline sql {m.cache_dir} "
                "\"SELECT model, metric, value FROM eval_results\"", err=True)

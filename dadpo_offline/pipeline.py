@@ -39,7 +39,8 @@ def describe_prune(r: dict) -> str:
     return f"{r['layers_before']} → {r['layers_after']} layers, removed {r['removed']}"
 
 
-def run_pipeline(m: Manifest) -> list[StepResult]:
+def run_pipeline(m: Manifest, through: str | None = None) -> list[StepResult]:
+    """Every step of `pipeline_steps`, or those up to and including `through`."""
     from .eval.run import evaluate
     from .precompute.run import precompute
     from .prune import prune_model
@@ -59,8 +60,14 @@ def run_pipeline(m: Manifest) -> list[StepResult]:
             "score": (lambda: precompute(scored, stage="score"), describe_precompute),
             "eval": (lambda: evaluate(scored), lambda r: f"results in {r.run_dir}"),
             "report": (lambda: write_report(RunLayout.of(m)), lambda r: f"{len(r['files'])} files")}
+    steps = pipeline_steps(m)
+    names = [step.name for step in steps]
+    if through is not None:
+        if through not in names:
+            raise InputError(f"--through {through}: no such step (this manifest's steps: {', '.join(names)})")
+        steps = steps[:names.index(through) + 1]
     results: list[StepResult] = []
-    for step in pipeline_steps(m):
+    for step in steps:
         run, describe = work.get(step.name) or (train_loss(scored, step.name, train_dadpo), describe_training)
         print(f"\n== {step.name}", file=sys.stderr, flush=True)
         start = time.perf_counter()

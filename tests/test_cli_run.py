@@ -58,6 +58,14 @@ def test_run_chains_every_step_and_a_rerun_redoes_nothing(tmp_path, prompts_file
         assert "finished before with the same settings" in detail[stage]
     assert len(list((run / "eval").iterdir())) == 2  # a new results folder, from cached answers and judgments
 
+    through = invoke("run", manifest, "--through", "score")  # what a sweep trains from, and nothing after it
+    assert through.exit_code == 0, through.output
+    assert [line.split()[0] for line in through.stdout.strip().splitlines()] == ["prune", "generate", "dsft", "score", "total"]
+    assert len(list((run / "eval").iterdir())) == 2
+    unknown = invoke("run", manifest, "--through", "scores")
+    assert unknown.exit_code == 1 and len(unknown.output.strip().splitlines()) == 1
+    assert "--through scores: no such step (this manifest's steps: prune, generate, dsft, score, dadpo, ddpo, eval, report)" in unknown.output
+
 
 def test_run_dry_run_plans_every_step_without_models(tmp_path, prompts_file):
     manifest = pipeline_manifest(tmp_path, prompts_file, {"base_url": "http://127.0.0.1:1/v1", "model": "j"})

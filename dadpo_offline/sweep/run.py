@@ -77,8 +77,8 @@ def with_start(m: Manifest) -> Manifest:
     sft = RunLayout.of(m).stage("sft")
     if not is_model_folder(sft):
         raise InputError(f"sweep trains every point from the dSFT reference and {sft} holds none — run: dadpo-offline "
-                         f"train MANIFEST --stage sft, then: dadpo-offline precompute MANIFEST --stage score "
-                         f"--set reference.model={sft}")
+                         f"run MANIFEST --through score (or: dadpo-offline train MANIFEST --stage sft, then: "
+                         f"dadpo-offline precompute MANIFEST --stage score --set reference.model={sft})")
     return with_reference(m)
 
 
