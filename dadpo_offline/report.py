@@ -32,9 +32,13 @@ COLUMNS = [  # (title, suite, metric) that lead the results table
     ("MT-Bench", "mtbench", "overall"), ("AlpacaEval win %", "alpacaeval", "win_rate"),
     ("AlpacaEval LC %", "alpacaeval", "length_controlled_winrate"),
     ("vs teacher (W+0.5T)/N [95% CI]", "winrate", "score_vs_teacher"),
-    ("teacher log p / token", "likelihood", "teacher_logp_per_token"),
+    ("vs teacher P(better) [95% CI]", "winrate", "preference_vs_teacher"),
+    ("teacher log p / token [95% CI]", "likelihood", "teacher_logp_per_token"),
+    ("KL(model‖teacher) / token [95% CI]", "likelihood", "reverse_kl_per_token"),
+    ("CE on teacher answers / token [95% CI]", "likelihood", "teacher_answer_ce_per_token"),
 ]
-OWN_SUITES = ("mtbench", "alpacaeval", "winrate", "lmeval")  # detail of these lives in the eval's own report.md
+OWN_SUITES = ("mtbench", "alpacaeval", "winrate", "lmeval", "likelihood")  # their detail (per answer, minus the
+# student's with paired intervals) lives in the eval's own report.md
 PLOTS = ("training_curves.png", "teacher_margins.png", "mtbench_categories.png", "distillation.png")
 DISTILLATION = [  # (likelihood metric, panel title) in panel order, then the judged win rate vs the teacher
     ("teacher_logp_per_token", "teacher log p / token (higher: closer)"),

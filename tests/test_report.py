@@ -134,7 +134,7 @@ def test_report_table_orders_models_with_newest_eval_numbers(full_report, run_di
     lines = [table_line(md, m) for m in ORDER]
     assert [md.index(line) for line in lines] == sorted(md.index(line) for line in lines)
     header = next(line for line in md.splitlines() if line.startswith("| model |"))
-    assert header == ("| model | MT-Bench | AlpacaEval win % | vs teacher (W+0.5T)/N [95% CI] | teacher log p / token "
+    assert header == ("| model | MT-Bench | AlpacaEval win % | vs teacher (W+0.5T)/N [95% CI] | teacher log p / token [95% CI] "
                       "| toxicity/rate | arc_challenge/acc |")
     assert table_line(md, "dadpo") == "| dadpo | 6.125 | 26.1 | 0.450 [0.30, 0.60] | -1.531 | 0.062 | 0.561 (+0.026) |"
     assert table_line(md, "student") == "| student | 3.500 | 23.5 | 0.125 [0.05, 0.20] | -0.875 | – | 0.535 |"
