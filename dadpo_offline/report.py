@@ -261,40 +261,56 @@ def plot_categories(rows: list[dict], names: list[str], categories: list[str], p
     return path
 
 
-def distillation_panels(rows: list[dict], names: list[str]) -> list[tuple[str, str, list[tuple]]]:
-    """(metric, title, [(model, value, ci_low, ci_high)] in model order) per DISTILLATION metric present,
-    then one win-rate panel (graded preference where the judge gave log-probs, else (W+0.5T)/N).
+def distillation_panels(rows: list[dict], names: list[str]) -> list[tuple[str, str, list[tuple], list[tuple]]]:
+    """(metric, title, [(model, value, ci_low, ci_high)] in model order, the same for the model minus the
+    student with its paired interval) per DISTILLATION metric present, then one win-rate panel (graded
+    preference where the judge gave log-probs, else (W+0.5T)/N; no differences). The teacher's difference
+    is left out: its gap, plain in the values, would set the scale of the small ones that matter.
 
     Empty without a likelihood metric; intervals are null where the row has none.
     """
     value = {(r["suite"], r["metric"], r["model"]): r for r in rows if r["value"] is not None}
     points = lambda suite, metric: [(m, value[(suite, metric, m)]["value"], value[(suite, metric, m)].get("ci_low"),
                                      value[(suite, metric, m)].get("ci_high")) for m in names if (suite, metric, m) in value]
-    panels = [(metric, title, points("likelihood", metric)) for metric, title in DISTILLATION]
+    moved = lambda metric: [p for p in points("likelihood", f"{metric}_vs_student") if p[0] != "teacher"]
+    panels = [(metric, title, points("likelihood", metric), moved(metric)) for metric, title in DISTILLATION]
     panels = [panel for panel in panels if panel[2]]
     if not panels:
         return []
-    judged = [(metric, title, points("winrate", metric)) for metric, title in WIN_RATE]
+    judged = [(metric, title, points("winrate", metric), []) for metric, title in WIN_RATE]
     return panels + [panel for panel in judged if panel[2]][:1]
 
 
-def plot_distillation(panels: list[tuple[str, str, list[tuple]]], path: Path) -> Path:
-    """One panel per metric, models along x, a point per model with its 95% interval where it has one."""
-    fig = Figure(figsize=(4.5 * len(panels) + 1, 4.2), layout="constrained")
-    for ax, (metric, title, points) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        x = np.arange(len(points))
-        values = np.array([v for _, v, _, _ in points])
-        low = [v - lo if lo is not None else 0.0 for _, v, lo, _ in points]
-        high = [hi - v if hi is not None else 0.0 for _, v, _, hi in points]
-        ax.errorbar(x, values, yerr=[low, high], fmt="o", capsize=4, color="tab:blue")
+def plot_distillation(panels: list[tuple[str, str, list[tuple], list[tuple]]], path: Path) -> Path:
+    """One column per metric, models along x, a point per model with its 95% interval where it has one;
+    a second row, where measured, with each model minus the student and its paired interval: the
+    per-model intervals overlap when models are close, the paired differences say which moved."""
+    rows = 2 if any(deltas for *_, deltas in panels) else 1
+    fig = Figure(figsize=(4.5 * len(panels) + 1, 4.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, len(panels), squeeze=False)
+    for column, (metric, title, points, deltas) in enumerate(panels):
+        draw_points(axes[0][column], points, title, metric)
         if metric.endswith("_vs_teacher"):
-            ax.axhline(0.5, color="grey", linestyle=":", label="as good as the teacher")
-            ax.legend(fontsize="small")
-        ax.set_xticks(x, [m for m, *_ in points], rotation=30)
-        ax.set(title=title, xlabel="model", ylabel=metric)
-        ax.margins(x=0.15)
+            axes[0][column].axhline(0.5, color="grey", linestyle=":", label="as good as the teacher")
+            axes[0][column].legend(fontsize="small")
+        if rows == 2 and deltas:
+            draw_points(axes[1][column], deltas, "minus the student (paired 95% interval)", f"Δ {metric}")
+            axes[1][column].axhline(0.0, color="grey", linestyle=":")
+        elif rows == 2:
+            axes[1][column].set_axis_off()
     fig.savefig(path, dpi=80)
     return path
+
+
+def draw_points(ax, points: list[tuple], title: str, ylabel: str) -> None:
+    x = np.arange(len(points))
+    values = np.array([v for _, v, _, _ in points])
+    low = [v - lo if lo is not None else 0.0 for _, v, lo, _ in points]
+    high = [hi - v if hi is not None else 0.0 for _, v, _, hi in points]
+    ax.errorbar(x, values, yerr=[low, high], fmt="o", capsize=4, color="tab:blue")
+    ax.set_xticks(x, [m for m, *_ in points], rotation=30)
+    ax.set(title=title, xlabel="model", ylabel=ylabel)
+    ax.margins(x=0.15)
 
 
 def results_blocks(run_id, ev_dir, out: Path, rows, names, summary, plots) -> list:

@@ -177,21 +177,26 @@ def test_report_distillation_plot_compares_models_with_intervals(tmp_path):
              for m, v in (("student", -2.5), ("teacher", -0.5))]
     rows += [{"model": "dadpo", "suite": "winrate", "metric": metric, "value": v, "ci_low": v - 0.1, "ci_high": v + 0.1,
               "n": 16, "judge": JUDGE} for metric, v in (("preference_vs_teacher", 0.4), ("score_vs_teacher", 0.25))]
+    rows.append({"model": "dadpo", "suite": "likelihood", "metric": "reverse_kl_per_token_vs_student", "value": 0.5,
+                 "ci_low": 0.2, "ci_high": 0.8, "n": 16})  # a paired difference: the plot's second row
+    rows.append({"model": "teacher", "suite": "likelihood", "metric": "reverse_kl_per_token_vs_student", "value": -1.0,
+                 "ci_low": -1.5, "ci_high": -0.5, "n": 16})  # left out of the second row: it would set its scale
     save_eval(open_cache(root / "cache", create=True), root / "eval", "20250101-120000", rows)
     result = write_report(root)
     out = root / "report"
     assert str(out / "distillation.png") in result["files"]
     image = matplotlib.image.imread(out / "distillation.png")
     assert (out / "distillation.png").read_bytes()[:8] == PNG_MAGIC and image.shape[1] > 3 * image.shape[0] / 2
+    assert image.shape[0] > 600  # two rows: the values, then the differences from the student
     assert "![Distillation metrics by model (95% intervals where known)](distillation.png)" in (out / "report.md").read_text()
     assert (out / "report.html").read_text().count('src="data:image/png;base64,') == 1
     saved = pq.read_table(root / "eval" / "20250101-120000" / "results.parquet").to_pylist()
     assert distillation_panels(saved, ORDER) == [
         ("teacher_logp_per_token", "teacher log p / token (higher: closer)",
-         [("student", -2.5, None, None), ("teacher", -0.5, None, None)]),
+         [("student", -2.5, None, None), ("teacher", -0.5, None, None)], []),
         ("reverse_kl_per_token", "reverse KL to teacher / token (lower: closer)",
-         [("student", 1.0, 0.5, 1.5), ("dadpo", 1.5, 1.0, 2.0), ("teacher", 2.0, 1.5, 2.5)]),
-        ("preference_vs_teacher", "P(better than teacher) (judged)", [("dadpo", 0.4, pytest.approx(0.3), 0.5)])]
+         [("student", 1.0, 0.5, 1.5), ("dadpo", 1.5, 1.0, 2.0), ("teacher", 2.0, 1.5, 2.5)], [("dadpo", 0.5, 0.2, 0.8)]),
+        ("preference_vs_teacher", "P(better than teacher) (judged)", [("dadpo", 0.4, pytest.approx(0.3), 0.5)], [])]
 
 
 def test_report_without_likelihood_metrics_draws_no_distillation_plot(tmp_path):
