@@ -98,6 +98,27 @@ def test_likelihood_rows_have_intervals_and_paired_deltas_vs_the_student():
     assert "## Likelihood minus the student's" in report and "-0.400 [-0.60, -0.20]" in report
 
 
+def test_a_model_whose_greedy_answers_are_all_empty_gets_null_per_token_figures_not_nan(recwarn):
+    """A weak sweep point may answer every prompt with nothing: 0 tokens, so no per-token figure (null,
+    shown as "–"), while its per-answer figure and the other metrics stay; no numpy warning either."""
+    scores = {
+        ("teacher", "winrate", "teacher"): scored("teacher", "teacher", "winrate", {"p": (-2.0, 4), "q": (-3.0, 2)}),
+        ("teacher", "winrate", "student"): scored("student", "teacher", "winrate", {"p": (-1.0, 0), "q": (-1.5, 0)}),
+        ("teacher", "likelihood", "teacher"): scored("teacher", "teacher", "likelihood", ON_TEACHER),
+        ("student", "likelihood", "student"): scored("student", "student", "likelihood", OWN),
+        ("teacher", "likelihood", "student"): scored("student", "teacher", "likelihood", BY_TEACHER),
+        ("student", "likelihood", "teacher"): scored("teacher", "student", "likelihood", ON_TEACHER),
+    }
+    value = {(r["model"], r["metric"]): r for r in likelihood.likelihood_rows(["p", "q"], scores, ["teacher", "student"])}
+    empty = value[("student", "teacher_logp_per_token")]
+    assert (empty["value"], empty["ci_low"], empty["ci_high"]) == (None, None, None)
+    assert value[("teacher", "teacher_logp_per_token_vs_student")]["value"] is None
+    assert value[("student", "teacher_logp_per_answer")]["value"] == pytest.approx(-1.25)
+    assert value[("student", "reverse_kl_per_token")]["value"] == pytest.approx(0.4)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert "| student | – |" in markdown_report("r", {"teacher": "t", "student": "s"}, None, list(value.values()))
+
+
 def test_sampled_questions_have_one_id_and_seed_per_sample_at_temperature_one():
     from dadpo_offline.eval.answers import Question
 

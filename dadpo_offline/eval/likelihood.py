@@ -99,7 +99,9 @@ def ratio_sums(prompts: list[str], terms: list[tuple[str, float, int]], per: str
 
 
 def ratio(sums: np.ndarray) -> float:
-    return float(sums[:, 0].sum() / sums[:, 1].sum())
+    """Σ value / Σ tokens (or answers); NaN for a model whose answers hold no token (all empty)."""
+    den = sums[:, 1].sum()
+    return float(sums[:, 0].sum() / den) if den > 0 else float("nan")
 
 
 def bootstrap_indices(n_prompts: int, resamples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> np.ndarray:
@@ -116,6 +118,8 @@ def bootstrap_ratios(sums: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 def interval(stats: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     tail = (1 - level) / 2
+    if np.isnan(stats).all():
+        return float("nan"), float("nan")
     low, high = np.nanquantile(stats, [tail, 1 - tail])
     return float(low), float(high)
 
@@ -152,4 +156,7 @@ def likelihood_rows(prompts: list[str], scores: Scores, models: list[str], teach
 
 
 def row(model: str, metric: str, value: float, ci: tuple[float, float], n: int) -> dict:
-    return {"model": model, "suite": SUITE, "metric": metric, "value": value, "ci_low": ci[0], "ci_high": ci[1], "n": n}
+    """A result row; NaN (no token to divide by) is stored as null, shown as "–"."""
+    known = lambda x: None if np.isnan(x) else x
+    return {"model": model, "suite": SUITE, "metric": metric, "value": known(value), "ci_low": known(ci[0]),
+            "ci_high": known(ci[1]), "n": n}
