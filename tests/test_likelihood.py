@@ -67,16 +67,21 @@ def test_paired_delta_interval_is_tighter_than_unpaired_when_models_move_togethe
     assert alone[1] - alone[0] > 0.1
 
 
-def test_likelihood_rows_have_intervals_and_paired_deltas_vs_the_student():
-    teacher_own = {"p#0": (-1.0, 2), "p#1": (-2.0, 2), "q#0": (-3.0, 3), "q#1": (-1.0, 1)}
-    scores = {
+def teacher_and_student_scores(student_greedy: dict, teacher_own: dict) -> dict:
+    """Every score the suite reads for a teacher and a student, the student's samples from OWN/BY_TEACHER/ON_TEACHER."""
+    return {
         ("teacher", "winrate", "teacher"): scored("teacher", "teacher", "winrate", {"p": (-2.0, 4), "q": (-3.0, 2)}),
-        ("teacher", "winrate", "student"): scored("student", "teacher", "winrate", {"p": (-6.0, 3), "q": (-9.0, 3)}),
+        ("teacher", "winrate", "student"): scored("student", "teacher", "winrate", student_greedy),
         ("teacher", "likelihood", "teacher"): scored("teacher", "teacher", "likelihood", teacher_own),
         ("student", "likelihood", "student"): scored("student", "student", "likelihood", OWN),
         ("teacher", "likelihood", "student"): scored("student", "teacher", "likelihood", BY_TEACHER),
         ("student", "likelihood", "teacher"): scored("teacher", "student", "likelihood", ON_TEACHER),
     }
+
+
+def test_likelihood_rows_have_intervals_and_paired_deltas_vs_the_student():
+    teacher_own = {"p#0": (-1.0, 2), "p#1": (-2.0, 2), "q#0": (-3.0, 3), "q#1": (-1.0, 1)}
+    scores = teacher_and_student_scores({"p": (-6.0, 3), "q": (-9.0, 3)}, teacher_own)
     rows = likelihood.likelihood_rows(["p", "q"], scores, ["teacher", "student"])
     value = {(r["model"], r["metric"]): r for r in rows}
     assert value[("student", "reverse_kl_per_token")]["value"] == pytest.approx(0.4)
@@ -101,14 +106,7 @@ def test_likelihood_rows_have_intervals_and_paired_deltas_vs_the_student():
 def test_a_model_whose_greedy_answers_are_all_empty_gets_null_per_token_figures_not_nan(recwarn):
     """A weak sweep point may answer every prompt with nothing: 0 tokens, so no per-token figure (null,
     shown as "–"), while its per-answer figure and the other metrics stay; no numpy warning either."""
-    scores = {
-        ("teacher", "winrate", "teacher"): scored("teacher", "teacher", "winrate", {"p": (-2.0, 4), "q": (-3.0, 2)}),
-        ("teacher", "winrate", "student"): scored("student", "teacher", "winrate", {"p": (-1.0, 0), "q": (-1.5, 0)}),
-        ("teacher", "likelihood", "teacher"): scored("teacher", "teacher", "likelihood", ON_TEACHER),
-        ("student", "likelihood", "student"): scored("student", "student", "likelihood", OWN),
-        ("teacher", "likelihood", "student"): scored("student", "teacher", "likelihood", BY_TEACHER),
-        ("student", "likelihood", "teacher"): scored("teacher", "student", "likelihood", ON_TEACHER),
-    }
+    scores = teacher_and_student_scores({"p": (-1.0, 0), "q": (-1.5, 0)}, ON_TEACHER)
     value = {(r["model"], r["metric"]): r for r in likelihood.likelihood_rows(["p", "q"], scores, ["teacher", "student"])}
     empty = value[("student", "teacher_logp_per_token")]
     assert (empty["value"], empty["ci_low"], empty["ci_high"]) == (None, None, None)
