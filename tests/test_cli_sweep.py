@@ -91,6 +91,11 @@ def test_sweep_trains_every_point_once_evaluates_them_and_writes_table_and_plots
         png = out / "plots" / f"likelihood_{metric}.png"
         assert png.read_bytes()[:4] == b"\x89PNG" and f"(plots/{png.name})" in md
     assert result.stdout == md  # stdout is the table; progress went to stderr
+    # daDPO at β2 = 0 has dDPO's weights, seed by seed: every difference from dDPO is exactly 0
+    versus = md.split("## Minus dDPO with the same seed")[1].split("\n\n")[1].splitlines()
+    zero = next(line for line in versus if line.startswith("| dadpo | 0.1 | 0 | 2 | "))
+    assert set(zero.split(" | ")[4:-1] + [zero.split(" | ")[-1].rstrip(" |")]) == {"+0.000 [+0.000, +0.000]"}, zero
+    assert any(line.startswith("| dadpo | 0.1 | 0.5 | 2 | ") for line in versus)
 
 
 def test_a_second_sweep_skips_every_point_and_reuses_the_cached_answers(swept, sweep_manifest):
@@ -173,3 +178,20 @@ def test_sweep_leaves_out_a_point_without_an_anchor_and_refuses_an_empty_grid(ti
     assert "sweep.axes.dpo.beta3: only beta1 and beta2 have per-loss axes" in bad.output
     empty = invoke("sweep", tiny_cache, "--loss", "ddpo", "--beta1", "0", "--dry-run")
     assert empty.exit_code == 1 and "every point lacks an anchor" in empty.output
+
+
+def test_sweep_table_gives_each_point_minus_the_ddpo_point_of_its_seed(tmp_path):
+    """Hand-worked: daDPO β2=1 seeds 1, 2 have KL 0.5, 0.9; dDPO seeds 1, 2 have 0.7, 0.8 → differences
+    −0.2, +0.1: mean −0.05, min −0.2, max +0.1. rDPO (no β1) is matched to the one dDPO β1 swept."""
+    from dadpo_offline.sweep.run import Point
+    from dadpo_offline.sweep.table import write_tables
+
+    kl = {Point("dadpo", 0.1, 1.0, 1): 0.5, Point("dadpo", 0.1, 1.0, 2): 0.9, Point("ddpo", 0.1, 0.0, 1): 0.7,
+          Point("ddpo", 0.1, 0.0, 2): 0.8, Point("rdpo", 0.0, 0.1, 1): 1.0}
+    trained = [(point, {"steps": 1, "train_loss": 0.5}) for point in kl]
+    rows = [{"model": p.name, "suite": "likelihood", "metric": "reverse_kl_per_token", "value": v} for p, v in kl.items()]
+    write_tables(tmp_path, trained, rows)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| dadpo | 0.1 | 1 | 2 | -0.050 [-0.200, +0.100] |" in md
+    assert "| rdpo | 0 | 0.1 | 1 | +0.300 [+0.300, +0.300] |" in md
+    assert "| ddpo |" not in md.split("## Minus dDPO")[1]

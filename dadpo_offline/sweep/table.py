@@ -69,10 +69,44 @@ def markdown(trained, training, value, shown, rows, names, plots, out: Path) -> 
         lines += ["", "## Baselines", "", "| model | " + " | ".join(f"{s}/{m}" for s, m in shown) + " |",
                   "|---" * (len(shown) + 1) + "|"]
         lines += [f"| {b} | " + " | ".join(cell(value.get((b, s, m))) for s, m in shown) + " |" for b in baselines]
+    lines += versus_ddpo(trained, value, shown)
     if not rows:
         lines += ["", "No eval in this sweep run: rerun without --no-eval for metrics and plots."]
     lines += [""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def versus_ddpo(trained: list[tuple], value: dict, shown: list[tuple[str, str]]) -> list[str]:
+    """Each other point minus the dDPO point of the same seed, averaged over seeds with the min and max:
+    the same data order on both sides, so a seed's own luck cancels. The dDPO point has the same β1
+    (a loss without β1, rDPO, is matched when one dDPO β1 was swept). The sweep's answer to "closer to
+    the teacher than dDPO at equal budget?"."""
+    ddpo = defaultdict(dict)  # seed -> β1 -> dDPO point
+    for point, _ in trained:
+        if point.loss == "ddpo":
+            ddpo[point.seed][point.beta1] = point
+    diffs = defaultdict(lambda: defaultdict(list))  # (loss, β1, β2) -> metric -> differences over seeds
+    for point, _ in trained:
+        same_seed = ddpo.get(point.seed, {})
+        match = same_seed.get(point.beta1) if "beta1" in LOSSES[point.loss].uses else \
+            next(iter(same_seed.values())) if len(same_seed) == 1 else None
+        if point.loss == "ddpo" or match is None:
+            continue
+        for key in shown:
+            a, b = value.get((point.name, *key)), value.get((match.name, *key))
+            if a is not None and b is not None and a["value"] is not None and b["value"] is not None:
+                diffs[(point.loss, point.beta1, point.beta2)][key].append(a["value"] - b["value"])
+    if not diffs:
+        return []
+    lines = ["", "## Minus dDPO with the same seed (mean over seeds [min, max])", "",
+             "| loss | β1 | β2 | seeds | " + " | ".join(f"Δ {s}/{m}" for s, m in shown) + " |",
+             "|---" * (len(shown) + 4) + "|"]
+    for (loss, beta1, beta2), by_metric in sorted(diffs.items()):
+        seeds = max(len(v) for v in by_metric.values())
+        cells = [f"{sum(v) / len(v):+.3f} [{min(v):+.3f}, {max(v):+.3f}]" if (v := by_metric.get(key)) else "–"
+                 for key in shown]
+        lines.append(f"| {loss} | {beta1:g} | {beta2:g} | {seeds} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_metric(trained: list[tuple], rows: list[dict], key: tuple[str, str], path: Path) -> Path | None:
