@@ -82,6 +82,10 @@ def test_sweep_trains_every_point_once_evaluates_them_and_writes_table_and_plots
     assert [row["point"] for row in table] == POINTS and table[2]["beta2"] == "0.5" and table[4]["loss"] == "ddpo"
     logp = [float(row["likelihood/teacher_logp_per_token"]) for row in table]
     assert all(value < 0 for value in logp)
+    shifts = [(float(row["displacement/chosen_logp_shift_per_token"]), float(row["displacement/rejected_logp_shift_per_token"]))
+              for row in table]
+    assert shifts[0] == shifts[4] and shifts[1] == shifts[5]  # same weights, same shift
+    assert all(chosen != 0 and rejected != 0 for chosen, rejected in shifts)
     answered = invoke("sql", out.parent / "cache", "SELECT DISTINCT model FROM answers", "-f", "json")
     assert {row["model"] for row in json.loads(answered.stdout)} == {*POINTS, "teacher", "student", "sft"}
     md = (out / "sweep.md").read_text()
@@ -98,6 +102,33 @@ def test_sweep_trains_every_point_once_evaluates_them_and_writes_table_and_plots
     assert any(line.startswith("| dadpo | 0.1 | 0.5 | 2 | ") for line in versus)
 
 
+def test_the_likelihood_shift_equals_a_plain_full_forward_against_the_cached_reference(swept, sweep_manifest):
+    """The sweep's displacement columns, recomputed independently: a full-vocabulary log_softmax over every
+    position, masked to the response, minus the reference's log-probs as the `pairs` view stores them."""
+    from transformers import AutoModelForCausalLM
+
+    out, _ = swept
+    manifest, _ = sweep_manifest
+    point = out / "points" / POINTS[2]
+    model = AutoModelForCausalLM.from_pretrained(point, dtype=torch.float32).eval()
+    pairs = json.loads(invoke("sql", manifest.parent / "cache", "SELECT chosen_input_ids, chosen_prompt_len, "
+                              "rejected_input_ids, rejected_prompt_len, ref_chosen_logp, ref_rejected_logp FROM pairs "
+                              "WHERE split = 'train'", "-f", "json").stdout)
+    expected = {}
+    for side in ("chosen", "rejected"):
+        per_token = []
+        for pair in pairs:
+            ids, start = torch.tensor([pair[f"{side}_input_ids"]]), pair[f"{side}_prompt_len"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            per_token.append((logp[start - 1:].sum().item() - pair[f"ref_{side}_logp"]) / (ids.shape[1] - start))
+        expected[side] = sum(per_token) / len(per_token)
+    kept = json.loads((point / "likelihood_shift.json").read_text())
+    assert kept["run"] == json.loads((point / "run.json").read_text()) and kept["metrics"]["pairs"] == len(pairs)
+    for side in ("chosen", "rejected"):
+        assert kept["metrics"][f"{side}_logp_shift_per_token"] == pytest.approx(expected[side], abs=1e-4)
+
+
 def test_a_second_sweep_skips_every_point_and_reuses_the_cached_answers(swept, sweep_manifest):
     out, _ = swept
     manifest, settings = sweep_manifest
@@ -107,6 +138,7 @@ def test_a_second_sweep_skips_every_point_and_reuses_the_cached_answers(swept, s
     assert again.exit_code == 0, again.output
     assert again.stderr.count("skipped (finished before with the same settings)") == len(POINTS)
     assert "step 1:" not in again.stderr  # no training step anywhere
+    assert "likelihood shift" not in again.stderr  # each point's shift is read back, no model loaded
     assert {name: (out / "points" / name / "model.safetensors").stat().st_mtime_ns for name in POINTS} == before
     assert snapshot(manifest.parent / "cache" / "answers") == answers
     dry = invoke("sweep", manifest, *GRID, *settings, "--dry-run")

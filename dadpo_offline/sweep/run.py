@@ -9,6 +9,7 @@ over every point and the baselines shares the cache's answers and judgments (a r
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from ..core.layout import RunLayout
 from ..core.models import is_model_folder
 from ..errors import DadpoError, InputError, ManifestError
+from ..files import atomic_text
 from ..losses import LOSSES
 from ..manifest import Manifest, ModelConfig, write_resolved
 from ..pipeline import with_reference
@@ -131,12 +133,40 @@ def run_sweep(m: Manifest, evaluate_points: bool = True, callbacks: list | None 
             resumed = f", resumed from {Path(result['resumed_from']).name}" if result["resumed_from"] else ""
             log(f"== {point.name}: {result['steps']} steps, train loss {result['train_loss']:.4f}{resumed}")
         trained[point] = result
-    rows, eval_dir = ([], None)
+    rows, eval_dir = displacement_rows(start, trained), None
     if evaluate_points:
         run = evaluate_sweep(start, {p.name: Path(r["output_dir"]) for p, r in trained.items()}, out)
-        rows, eval_dir = run.rows, run.run_dir
-    files = write_tables(out, [(p, trained[p]) for p in points], rows)
+        rows, eval_dir = run.rows + rows, run.run_dir
+    files = write_tables(out, [(p, trained[p]) for p in points], rows, evaluate_points)
     return {"points": {p.name: r for p, r in trained.items()}, "eval_dir": eval_dir, "files": files}
+
+
+def displacement_rows(m: Manifest, trained: dict[Point, dict]) -> list[dict]:
+    """Each point's likelihood shift on its own training pairs (`likelihood_shift`), as rows of suite
+    `displacement`. Kept beside the point's run.json, so a rerun loads no model; a retrained point
+    (another run.json) is measured again."""
+    import torch
+
+    from ..train.check import likelihood_shift
+    from ..train.data import load_pairs
+    from ..train.runs import load_causal_lm
+
+    rows, pairs = [], None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for point, result in trained.items():
+        folder = Path(result["output_dir"])
+        kept_at, run = folder / "likelihood_shift.json", json.loads((folder / "run.json").read_text())
+        kept = json.loads(kept_at.read_text()) if kept_at.is_file() else {}
+        if kept.get("run") != run:
+            pairs = pairs or load_pairs(m.cache_dir)
+            log(f"sweep: {point.name}: likelihood shift on its {len(pairs)} training pairs")
+            model, tokenizer, _ = load_causal_lm(str(folder))
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            kept = {"run": run, "metrics": likelihood_shift(model.to(device), pairs, pad)}
+            atomic_text(kept_at, json.dumps(kept, indent=2) + "\n")
+        rows += [{"model": point.name, "suite": "displacement", "metric": name, "value": value}
+                 for name, value in kept["metrics"].items() if name != "pairs"]
+    return rows
 
 
 def evaluate_sweep(m: Manifest, folders: dict[str, Path], out: Path):

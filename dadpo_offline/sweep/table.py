@@ -1,6 +1,7 @@
 """The sweep's results: sweep.csv and sweep.md (one row per point), and a plot per metric against β2.
 
-Metrics are whatever the eval rows hold (suite/metric); the plots take every likelihood and lm-eval
+Metrics are whatever the eval rows hold (suite/metric), plus each point's likelihood shift on its own
+training pairs (suite `displacement`); the plots take every likelihood, displacement and lm-eval
 metric and the headline judged ones, in a preferred order. On a plot each (loss, β1) is a line over
 β2 (symlog axis, so β2 = 0 shows), the mean over seeds with min–max bars; a loss without a β2 axis
 (dDPO) is a horizontal line with its seed band, the baselines dotted lines.
@@ -22,6 +23,7 @@ from ..losses import LOSSES
 
 PREFERRED = [("likelihood", "reverse_kl_per_token"), ("likelihood", "teacher_answer_ce_per_token"),
              ("likelihood", "teacher_logp_per_token"), ("likelihood", "teacher_logp_per_answer"),
+             ("displacement", "chosen_logp_shift_per_token"), ("displacement", "rejected_logp_shift_per_token"),
              ("mtbench", "overall"), ("alpacaeval", "length_controlled_winrate"), ("alpacaeval", "win_rate")]
 TRAINING = ["steps", "train_loss", "rewards/margins", "rewards/accuracies"]  # from each point's training summary
 
@@ -35,7 +37,7 @@ def plotted_metrics(rows: list[dict], models: set[str]) -> list[tuple[str, str]]
     return [k for k in PREFERRED if k in found] + more
 
 
-def write_tables(out: Path, trained: list[tuple], rows: list[dict]) -> list[str]:
+def write_tables(out: Path, trained: list[tuple], rows: list[dict], evaluated: bool = True) -> list[str]:
     """sweep.csv (every metric), sweep.md (training numbers and plotted metrics) and plots/*.png."""
     names = {point.name for point, _ in trained}
     value = {(r["model"], r["suite"], r["metric"]): r for r in rows}
@@ -53,11 +55,11 @@ def write_tables(out: Path, trained: list[tuple], rows: list[dict]) -> list[str]
     atomic_text(out / "sweep.csv", buffer.getvalue())
     plots = [plot_metric(trained, rows, key, out / "plots" / f"{safe(key[0])}_{safe(key[1])}.png") for key in shown]
     plots = [p for p in plots if p is not None]
-    atomic_text(out / "sweep.md", markdown(trained, training, value, shown, rows, names, plots, out))
+    atomic_text(out / "sweep.md", markdown(trained, training, value, shown, rows, names, plots, out, evaluated))
     return [str(out / "sweep.md"), str(out / "sweep.csv")] + [str(p) for p in plots]
 
 
-def markdown(trained, training, value, shown, rows, names, plots, out: Path) -> str:
+def markdown(trained, training, value, shown, rows, names, plots, out: Path, evaluated: bool) -> str:
     header = ["point", "loss", "β1", "β2", "seed", *TRAINING] + [f"{s}/{m}" for s, m in shown]
     lines = [f"# Sweep: {len(trained)} points", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for (point, _), stats in zip(trained, training):
@@ -70,7 +72,7 @@ def markdown(trained, training, value, shown, rows, names, plots, out: Path) -> 
                   "|---" * (len(shown) + 1) + "|"]
         lines += [f"| {b} | " + " | ".join(cell(value.get((b, s, m))) for s, m in shown) + " |" for b in baselines]
     lines += versus_ddpo(trained, value, shown)
-    if not rows:
+    if not evaluated:
         lines += ["", "No eval in this sweep run: rerun without --no-eval for metrics and plots."]
     lines += [""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -81,33 +81,20 @@ def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float
     if max_token_gap is None:
         max_token_gap = default_token_gap(training_dtype, cached_dtype)
         limit = f"{max_token_gap} (train.step0_max_token_gap's default for {cached_dtype} scores, {training_dtype} training)"
-    autocast = trainer.accelerator.autocast
     seq_gaps, token_gaps, anchor_gaps = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(features), micro_batch):
-            chunk = features[start:start + micro_batch]
-            inputs = trainer._prepare_inputs(trainer.data_collator(chunk))  # the Trainer's own path, casts included
-            received = trainer.anchors_for(inputs).double().cpu()
-            with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
-                logps, _, first = token_logps(model, inputs["input_ids"], inputs["attention_mask"],
-                                              inputs["prompt_lens"], inputs["seq_lens"])
-            prompt_lens, seq_lens = inputs["prompt_lens"].tolist(), inputs["seq_lens"].tolist()
-            for row, f in enumerate(chunk):
-                # chosen = the teacher's answer, rejected = the student's
-                key = {"teacher": (f["prompt_id"], f["chosen_sample"]), "student": (f["prompt_id"], f["rejected_sample"])}
-                expected = [stored[(*key[role], role, scorer)][1] for scorer in ("reference", "teacher")
-                            for role in ("teacher", "student")]
-                anchor_gaps.extend((received[row] - torch.tensor(expected, dtype=torch.float64)).abs().tolist())
-                for side, role in enumerate(("teacher", "student")):
-                    i = row + side * len(chunk)  # the collator puts chosen rows first, then rejected rows
-                    ours = logps[i, prompt_lens[i] - first:seq_lens[i] - first].double().cpu()
-                    cached_tokens = torch.tensor(stored[(*key[role], role, "reference")][0], dtype=torch.float64)
-                    token_gaps.extend((ours - cached_tokens).abs().tolist())
-                    seq_gaps.append(abs(ours.sum().item() - received[row, side].item()))
-    finally:
-        model.train(was_training)
+    for inputs, scored in rescore(model, features, trainer.data_collator, micro_batch, trainer._prepare_inputs,
+                                  trainer.accelerator.autocast):  # the Trainer's own path, casts included
+        received = trainer.anchors_for(inputs).double().cpu()
+        for row, (f, *sides) in enumerate(scored):
+            # chosen = the teacher's answer, rejected = the student's
+            key = {"teacher": (f["prompt_id"], f["chosen_sample"]), "student": (f["prompt_id"], f["rejected_sample"])}
+            expected = [stored[(*key[role], role, scorer)][1] for scorer in ("reference", "teacher")
+                        for role in ("teacher", "student")]
+            anchor_gaps.extend((received[row] - torch.tensor(expected, dtype=torch.float64)).abs().tolist())
+            for side, (role, ours) in enumerate(zip(("teacher", "student"), sides)):
+                cached_tokens = torch.tensor(stored[(*key[role], role, "reference")][0], dtype=torch.float64)
+                token_gaps.extend((ours - cached_tokens).abs().tolist())
+                seq_gaps.append(abs(ours.sum().item() - received[row, side].item()))
     report = Step0Report(len(seq_gaps), len(token_gaps), sum(seq_gaps) / len(seq_gaps), max(seq_gaps),
                          sum(token_gaps) / len(token_gaps), max(token_gaps), max(anchor_gaps), cached_model)
     if not report.anchor_max <= ANCHOR_TOLERANCE:
@@ -122,3 +109,38 @@ def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float
             "reference was scored with other numerics (dtype, engine). Rescore with: dadpo-offline precompute "
             "MANIFEST --stage score, or raise train.step0_max_token_gap if the gap is expected")
     return report
+
+
+def rescore(model, features: list[dict], collate, micro_batch: int, prepare=None, autocast=None):
+    """Yield (inputs, [(feature, chosen token log-probs, rejected token log-probs)]) per micro-batch: `model`'s
+    response-token log-probs (float64, CPU), from batches collated (and prepared) as training forms them."""
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(features), micro_batch):
+            chunk = features[start:start + micro_batch]
+            inputs = collate(chunk) if prepare is None else prepare(collate(chunk))
+            with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+                logps, _, first = token_logps(model, inputs["input_ids"], inputs["attention_mask"],
+                                              inputs["prompt_lens"], inputs["seq_lens"])
+            prompt_lens, seq_lens = inputs["prompt_lens"].tolist(), inputs["seq_lens"].tolist()
+            response = lambda i: logps[i, prompt_lens[i] - first:seq_lens[i] - first].double().cpu()
+            yield inputs, [(f, response(row), response(row + len(chunk))) for row, f in enumerate(chunk)]  # chosen rows first
+    finally:
+        model.train(was_training)
+
+
+def likelihood_shift(model, rows, pad_id: int, micro_batch: int = 8) -> dict:
+    """How far training moved the policy's log-probs of its own training answers from the reference's
+    (the cached numbers): the mean over pairs of (policy − reference) per token, for the chosen (teacher)
+    and the rejected (student) answers. A falling chosen likelihood while the margin grows is the
+    likelihood displacement DPO is known for; the teacher anchor is meant to hold the chosen side up."""
+    from .data import PairCollator, RowDataset
+
+    dataset, anchors = RowDataset(rows), rows.anchors()
+    shifts: dict[str, list[float]] = {"chosen": [], "rejected": []}
+    for _, scored in rescore(model, [dataset[i] for i in range(len(dataset))], PairCollator(pad_id), micro_batch):
+        for f, chosen, rejected in scored:
+            shifts["chosen"].append((chosen.sum().item() - anchors[f["index"], 0].item()) / len(chosen))
+            shifts["rejected"].append((rejected.sum().item() - anchors[f["index"], 1].item()) / len(rejected))
+    return {f"{side}_logp_shift_per_token": sum(v) / len(v) for side, v in shifts.items()} | {"pairs": len(rows)}
