@@ -343,5 +343,5 @@ def test_answers_resume_after_a_crash_and_reuse_the_cache(tmp_path, monkeypatch)
     calls.clear()
     again = generate_answers(cache, "winrate", student, questions, engines)
     assert calls == [] and again.equals(table)
-    with open_cache(tmp_path / "cache").connect(read_only=True) as con:
+    with open_cache(tmp_path / "cache").connect() as con:
         assert con.execute("SELECT count(*), count(DISTINCT (question_id, turn)) FROM answers").fetchone() == (6, 6)

@@ -146,7 +146,7 @@ def test_answers_cached_before_token_ids_were_kept_read_back_with_null_ids(tmp_p
     new = pa.Table.from_pylist([answer | {"question_id": "r", "token_ids": [5, 6]}], schema=ANSWERS)
     table = cached_shards(cache, "answers", "fp", {}, 2, lambda k: new, desc=None)
     assert table.column("token_ids").to_pylist() == [None, [5, 6]]
-    with cache.connect(read_only=True) as con:
+    with cache.connect() as con:
         assert con.execute("SELECT question_id, token_ids FROM answers ORDER BY 1").fetchall() == [("q", None),
                                                                                                   ("r", [5, 6])]
 

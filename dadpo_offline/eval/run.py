@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..cache.index import CacheIndex, open_cache
+from ..cache.publish import build_index
 from ..errors import InputError
 from ..manifest import EvalConfig, JudgeConfig, Manifest, ModelConfig, write_resolved
 from ..core.models import is_model_folder, resolve_model
@@ -152,6 +153,7 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
     summary = {"run_id": run_id, "models": refs, "suites": suites, "judge": judge.identity if judge else None,
                "seconds": seconds, "results": rows}
     save_results(cache, run_dir, run_id, rows, summary, report)
+    build_index(cache)  # eval is one job: it indexes what it committed, for `sql` and `report`
     return EvalRun(run_id, run_dir, rows, seconds)
 
 
