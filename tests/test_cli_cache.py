@@ -143,6 +143,7 @@ def test_cache_status_and_verify_cover_eval_files(tmp_path):
     from dadpo_offline.eval.alpacaeval import register_annotator
 
     register_annotator(cache, annotator)
+    build_index(cache)  # as eval does at its end
 
     rows = {r["stage"]: r for r in json.loads(invoke("cache", "status", cache.root, "-f", "json").output)}
     assert (rows["lmeval"]["fingerprint"], rows["lmeval"]["done"], rows["lmeval"]["n_shards"]) == (fingerprint(settings), 1, 1)
@@ -162,6 +163,7 @@ def test_cache_status_and_verify_cover_eval_files(tmp_path):
         f"lmeval file (lmeval/{result.name}): checksum mismatch (corrupted)"]
     assert verify.output.splitlines()[2].startswith("Error: 2 bad shard(s)")
     assert cached_json(cache, "lmeval", settings, result) is None  # damaged: removed, to be computed again
+    build_index(cache)
     assert not result.exists() and fingerprint(settings) not in {
         r["fingerprint"] for r in cache.status() if r["done"]}
 
@@ -173,6 +175,7 @@ def test_an_unregistered_lmeval_result_of_an_older_cache_is_adopted(tmp_path):
     path.parent.mkdir()
     path.write_text('{"results": {}}')
     assert cached_json(cache, "lmeval", settings, path) == {"results": {}}
+    build_index(cache)
     assert [(r["stage"], r["done"]) for r in cache.status()] == [("lmeval", 1)]
     assert cache.verify() == []
     register_files(cache, "lmeval", settings, [path])  # registering again replaces, never duplicates
