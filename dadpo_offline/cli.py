@@ -66,7 +66,8 @@ def main():
 @manifest_options
 @click.option("--stage", type=click.Choice(["all", "prompts", "generate", "score"]), default="all", show_default=True,
               help="Which stages to run; score needs generate's shards.")
-@click.option("--shard", "shard_spec", metavar="I/N", help="Do only work shards k with k % N == I, so N jobs fill one cache.")
+@click.option("--shard", "shard_spec", metavar="I/N",
+              help="Do only work shards k with k % N == I, so N jobs fill one cache; then run `cache index` once.")
 @click.option("--force", is_flag=True, help="Recompute this job's shards even when intact ones exist.")
 @domain_errors
 def precompute(manifest, overrides, stage, shard_spec, force):
@@ -74,7 +75,9 @@ def precompute(manifest, overrides, stage, shard_spec, force):
 
     \b
     Resumable: rerun the same command after a crash and only missing shards are built.
-    Without MANIFEST, manifests/demo.yaml (or the built-in defaults) is used.
+    Without MANIFEST, manifests/demo.yaml (or the built-in defaults) is used. A lone job
+    indexes the cache after each stage; --shard jobs never open the index: index the cache
+    once they have all finished (dadpo-offline cache index CACHE).
 
     \b
     Example:
@@ -417,7 +420,7 @@ def index_command(cache_dir):
     Workers (`precompute --shard I/N`, on any node) never open the index: each shard is
     committed by a small record beside it. Run this once they have all finished, on one
     machine; a lone precompute, run and eval call it for you after each stage. A shard
-    whose job was killed before its record is not indexed; rerunning that job builds it.
+    whose job was killed before its record is not indexed; rerunning that job finishes it.
     Rerunning this command gives the same index; a reader that has the old one open keeps
     reading it, whole.
 
