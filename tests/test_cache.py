@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 
@@ -221,3 +222,28 @@ def test_build_stage_resumes_builds_only_its_todo_and_rebuilds_with_force(tmp_pa
     assert built == [] and again.table.equals(result.table) and again.report.skipped == 3
     assert build_stage(cache, "generate-student", "fp", {}, 3, build, todo=[2], force=True).report.built == 1
     assert built == [2] and first.stat().st_mtime_ns == written
+
+
+def test_cache_index_ignores_what_a_killed_writer_left_and_gc_removes_its_temporary_files(cache_with_generations):
+    """A shard renamed but never committed, a half-written record and a half-built index (their writers
+    dead): the index holds only the committed shards; gc removes the temporary files, keeps the shard
+    (a rerun adopts it)."""
+    from dadpo_offline.cache.gc import collect_garbage
+
+    cache, fp = cache_with_generations
+    folder = cache.stage_dir("generate-student", fp)
+    uncommitted = write_shard(generations(3), shard_path(folder, 2), {"stage": "generate-student", "fingerprint": fp,
+                                                                      "shard": 2}).path
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = f"tmp-{socket.gethostname()}-{child.pid}"
+    temps = [folder / f"commit-00003.json.{dead}", cache.root / f"index.duckdb.{dead}"]
+    for temp in temps:
+        temp.write_bytes(b"cut short")
+    before = cache.status()
+    build_index(cache)
+    assert cache.status() == before and sorted(cache.registered("generate-student", fp)) == [0, 1]
+    assert run_query(cache.root, "SELECT count(*) AS n FROM generations").to_pylist() == [{"n": 6}]
+    removed = {r.path for r in collect_garbage(cache.root)}
+    assert removed == {t.relative_to(cache.root).as_posix() for t in temps}
+    assert uncommitted.is_file() and not any(t.exists() for t in temps)
