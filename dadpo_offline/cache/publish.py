@@ -1,16 +1,19 @@
 """`cache index`: build `index.duckdb` from the commit records and replace the old one atomically.
 
-Built under a temporary name on the local disk of whoever runs it (fsync, then a same-folder
-rename, atomic on POSIX, NFS and Lustre), so no DuckDB lock is ever shared: a reader that has the
-old index open keeps reading the old file, whole, and the next reader opens the new one. It
-reads only records, so a rerun over the same records gives the same registry (idempotent),
+Built by DuckDB on the local disk of whoever runs it (the system's temporary folder, $TMPDIR),
+copied beside the index under a temporary name, fsynced, then renamed over it (a same-folder
+rename: atomic on POSIX, NFS and Lustre). So DuckDB never writes on a shared file system and no
+DuckDB lock is ever shared: a reader that has the old index open keeps reading the old file,
+whole, and the next reader opens the new one. It reads only records, so a rerun over the same records gives the same registry (idempotent),
 and a shard whose writer was killed before its record exists is not in it.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,10 @@ def build_index(cache: CacheIndex) -> Indexed:
                            "bytes": entry.bytes, "sha256": entry.sha256})
     temp = root / f"{INDEX_NAME}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
-        _write(cache, temp, pa.Table.from_pylist(stages, STAGES_SCHEMA), pa.Table.from_pylist(shards, SHARDS_SCHEMA))
+        with tempfile.TemporaryDirectory(prefix="dadpo-index-") as local:
+            built = Path(local) / INDEX_NAME  # DuckDB writes on local disk, never on a shared file system
+            _write(cache, built, pa.Table.from_pylist(stages, STAGES_SCHEMA), pa.Table.from_pylist(shards, SHARDS_SCHEMA))
+            shutil.copyfile(built, temp)
         with temp.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, cache.index_path)
@@ -63,8 +69,7 @@ def build_index(cache: CacheIndex) -> Indexed:
         raise CacheError(f"cannot write {cache.index_path} ({text}); the old index is unchanged — "
                          f"fix that, then rerun: dadpo-offline cache index {root}") from exc
     finally:
-        for leftover in (temp, temp.with_name(temp.name + ".wal")):
-            leftover.unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
     return Indexed(len(stages), len(shards), sum(s["rows"] for s in shards), time.perf_counter() - start)
 
 
