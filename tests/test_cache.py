@@ -247,3 +247,23 @@ def test_cache_index_ignores_what_a_killed_writer_left_and_gc_removes_its_tempor
     removed = {r.path for r in collect_garbage(cache.root)}
     assert removed == {t.relative_to(cache.root).as_posix() for t in temps}
     assert uncommitted.is_file() and not any(t.exists() for t in temps)
+
+
+def test_a_cache_whose_registry_lived_only_in_its_index_is_converted_by_its_first_writer(cache_with_generations):
+    """Format 1 (before commit records): the first writer writes the records from the index, once."""
+    cache, fp = cache_with_generations
+    cache.begin_stage("generate-student", "newer", {"test": 2}, 5)
+    build_index(cache)
+    with cache.connect() as con:
+        registry = con.execute("SELECT * FROM shards ORDER BY ALL").fetchall()
+        stages = con.execute("SELECT stage, fingerprint, settings, n_shards, active FROM stages ORDER BY ALL").fetchall()
+    for record in [cache.root / "dadpo-cache.json", *cache.root.glob("*/*/*.json")]:
+        record.unlink()
+    assert cache.registered("generate-student", fp) == {}
+    converted = open_cache(cache.root, create=True)
+    assert sorted(converted.registered("generate-student", fp)) == [0, 1]
+    build_index(converted)
+    with converted.connect() as con:
+        assert con.execute("SELECT * FROM shards ORDER BY ALL").fetchall() == registry
+        assert con.execute("SELECT stage, fingerprint, settings, n_shards, active FROM stages "
+                           "ORDER BY ALL").fetchall() == stages
