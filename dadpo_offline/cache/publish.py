@@ -4,8 +4,9 @@ Built by DuckDB on the local disk of whoever runs it (the system's temporary fol
 copied beside the index under a temporary name, fsynced, then renamed over it (a same-folder
 rename: atomic on POSIX, NFS and Lustre). So DuckDB never writes on a shared file system and no
 DuckDB lock is ever shared: a reader that has the old index open keeps reading the old file,
-whole, and the next reader opens the new one. It reads only records, so a rerun over the same records gives the same registry (idempotent),
-and a shard whose writer was killed before its record exists is not in it.
+whole, and the next reader opens the new one. It reads only records, so a rerun over the same
+records gives the same registry (idempotent), and a shard whose writer was killed before its
+record exists is not in it.
 """
 from __future__ import annotations
 
