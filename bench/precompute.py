@@ -7,7 +7,7 @@
 2. Scoring tokens/s (`score`) of both engines on the same sequences (prompt + generated
    response ids), plus the largest |delta sequence log-prob| between them.
 3. DuckDB over a synthetic cache of --pairs pairs written through the real code path
-   (write_shard, open_cache, begin_stage, register), queried through the real `pairs` view.
+   (write_shard, open_cache, begin_stage, register, build_index), queried through the real `pairs` view.
 4. A table of targets with PASS/FAIL.
 
 Timings on a shared machine are noisy, hence ratios of measurements taken in the same run.
@@ -239,6 +239,7 @@ class Synth:
         np, n = self.np, self.n
         rng = np.random.default_rng([1, n])
         content = self.strings(rng, rng.integers(20, 600, n))
+        prompt_ids = self.list_array(self.plen, self.token_ids(rng, int(self.plen.sum())))  # student = teacher ids
         messages = pc.binary_join_element_wise('[{"role": "user", "content": "', content, '"}]', "")
         categories = pa.array(["advice", "coding", "math", "writing", "knowledge", "reasoning"])
         category = pa.DictionaryArray.from_arrays(pa.array(rng.integers(0, len(categories), n).astype(np.int32)),
@@ -246,7 +247,7 @@ class Synth:
         return pa.Table.from_arrays([
             self.prompt_ids, pa.repeat(pa.scalar("bench:synthetic"), n), pa.repeat(pa.scalar("train"), n), category,
             messages, pa.array(rng.integers(1, 4, n).astype(np.int32)), pa.array(self.plen), pa.array(self.plen),
-            pa.array((np.arange(n) // shard_size).astype(np.int32))], schema=PROMPTS)
+            pa.array((np.arange(n) // shard_size).astype(np.int32)), prompt_ids, prompt_ids], schema=PROMPTS)
 
     def shard(self, k: int, shard_size: int):
         """The four generation/score tables of work shard k: {stage: table}."""
@@ -299,6 +300,7 @@ def build_cache(root: Path, n_pairs: int, shard_size: int) -> tuple[int, int]:
     import pyarrow.compute as pc
 
     from dadpo_offline.cache.index import open_cache
+    from dadpo_offline.cache.publish import build_index
     from dadpo_offline.cache.shards import shard_path, write_shard
     from dadpo_offline.precompute.stages import pairs_shard
 
@@ -330,6 +332,7 @@ def build_cache(root: Path, n_pairs: int, shard_size: int) -> tuple[int, int]:
                                     pa.concat_tables([tables["generate-teacher"], tables["generate-student"]]),
                                     pa.concat_tables([tables["score-teacher"], tables["score-reference"]])))
         log(f"synthetic cache: shard {k + 1}/{n_shards} written ({total_bytes / 2 ** 20:.0f} MiB so far)")
+    build_index(cache)  # as `cache index` after --shard jobs
     return total_bytes, n_shards
 
 

@@ -66,7 +66,8 @@ def main():
 @manifest_options
 @click.option("--stage", type=click.Choice(["all", "prompts", "generate", "score"]), default="all", show_default=True,
               help="Which stages to run; score needs generate's shards.")
-@click.option("--shard", "shard_spec", metavar="I/N", help="Do only work shards k with k % N == I, so N jobs fill one cache.")
+@click.option("--shard", "shard_spec", metavar="I/N",
+              help="Do only work shards k with k % N == I, so N jobs fill one cache; then run `cache index` once.")
 @click.option("--force", is_flag=True, help="Recompute this job's shards even when intact ones exist.")
 @domain_errors
 def precompute(manifest, overrides, stage, shard_spec, force):
@@ -74,7 +75,9 @@ def precompute(manifest, overrides, stage, shard_spec, force):
 
     \b
     Resumable: rerun the same command after a crash and only missing shards are built.
-    Without MANIFEST, manifests/demo.yaml (or the built-in defaults) is used.
+    Without MANIFEST, manifests/demo.yaml (or the built-in defaults) is used. A lone job
+    indexes the cache after each stage; --shard jobs never open the index: index the cache
+    once they have all finished (dadpo-offline cache index CACHE).
 
     \b
     Example:
@@ -407,6 +410,35 @@ def cache():
     """Inspect, check and clean a cache directory."""
 
 
+@cache.command("index", context_settings=CONTEXT)
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@domain_errors
+def index_command(cache_dir):
+    """Build index.duckdb from the shards' commit records and replace it atomically.
+
+    \b
+    Workers (`precompute --shard I/N`, on any node) never open the index: each shard is
+    committed by a small record beside it. Run this once they have all finished, on one
+    machine; a lone precompute, run and eval call it for you after each stage. A shard
+    whose job was killed before its record is not indexed; rerunning that job finishes it.
+    Rerunning this command gives the same index; a reader that has the old one open keeps
+    reading it, whole.
+
+    \b
+    Example:
+      dadpo-offline cache index runs/demo/cache
+      sbatch --dependency=afterok:$ARRAY_JOB_ID --wrap "dadpo-offline cache index runs/demo/cache"
+    """
+    from .cache.index import is_cache, open_cache
+    from .cache.publish import build_index
+
+    if not is_cache(Path(cache_dir).expanduser().resolve()):
+        open_cache(cache_dir)  # raises: not a cache, or no cache yet
+    done = build_index(open_cache(cache_dir, create=True))
+    click.echo(f"indexed {done.shards} shards ({done.rows} rows) of {done.stages} stage fingerprints "
+               f"in {done.seconds:.1f} s", err=True)
+
+
 @cache.command(context_settings=CONTEXT)
 @click.argument("cache_dir", type=click.Path(file_okay=False))
 @output_options
@@ -461,14 +493,14 @@ def verify(cache_dir):
 @click.option("--dry-run", is_flag=True, help="List what would be removed and the space it would free; change nothing.")
 @domain_errors
 def gc(cache_dir, dry_run):
-    """Remove stale fingerprints and files that no index row points to.
+    """Remove stale fingerprints and files that no commit record points to.
 
     \b
     Stale: a fingerprint that a changed setting replaced (accumulating eval stages keep
     every fingerprint). Also removed: leftover temporary files, unregistered shards and
-    files, empty folders. Never touched: active and eval data, the index and its WAL.
-    Prints one line per removal and the space freed; refuses while another process holds
-    the index.
+    files (a killed job's temporary files), empty folders. Never touched: active and
+    eval data, commit records, the index. Prints one line per removal and the space
+    freed, then rebuilds the index. Run it when no job writes to the cache.
 
     \b
     Example:

@@ -126,7 +126,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
         missing.append(f"cache: no cache/{INDEX_NAME} — run: dadpo-offline precompute MANIFEST")
         return None
     try:
-        with open_cache(cache_dir).connect(read_only=True) as con:
+        with open_cache(cache_dir).connect() as con:
             columns = con.execute("""
                 SELECT teacher_chosen_logp - teacher_rejected_logp AS te,
                        teacher_chosen_logp / nullif(teacher_chosen_tokens, 0)

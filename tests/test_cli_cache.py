@@ -16,6 +16,7 @@ from dadpo_offline.cache import open_cache
 from dadpo_offline.cache.artefacts import cached_json, register_files, store_json
 from dadpo_offline.cache.build import build_stage
 from dadpo_offline.cache.gc import human_bytes
+from dadpo_offline.cache.publish import build_index
 from dadpo_offline.cache.schema import ANSWERS
 from dadpo_offline.cache.shards import fingerprint
 from dadpo_offline.cli import main
@@ -61,11 +62,9 @@ def littered_cache(tmp_path, small_cache):
     cache = open_cache(cache_dir)
     for model in ("student", "teacher"):
         build_stage(cache, "answers", fingerprint({"model": model}), {"model": model}, 1, lambda k: answers_table(model))
-    with cache.connect() as con:  # accumulating stages keep every fingerprint, even one marked inactive
-        con.execute("UPDATE stages SET active = false WHERE stage = 'answers' AND fingerprint = ?",
-                    [fingerprint({"model": "teacher"})])
     settings = {"suite": "lmeval", "model": "m"}
     store_json(cache, "lmeval", settings, cache.root / "lmeval" / f"{fingerprint(settings)}.json", {"results": {}})
+    build_index(cache)
     active = lambda stage: next(r["fingerprint"] for r in cache.status() if r["stage"] == stage and r["active"])
     (stale,) = before
     stray = cache.root / "generate-student" / active("generate-student") / "notes.txt"
@@ -107,12 +106,14 @@ def test_cache_gc_dry_run_lists_everything_and_changes_nothing_then_gc_removes_i
     assert all(after[k] == before[k] for k in after if not k.startswith("index.duckdb"))  # gc rewrote the views
     status_after = json.loads(invoke("cache", "status", cache, "-f", "json").output)
     assert status_after == [r for r in status_before if f"{r['stage']}/{r['fingerprint']}" != f"prompts/{removed[0].name}"]
-    assert {r["stage"] for r in status_after if not r["active"]} == {"answers"}  # accumulating: kept although inactive
+    assert all(r["active"] for r in status_after)  # accumulating: every answers fingerprint stays
+    assert sorted(r["fingerprint"] for r in status_after if r["stage"] == "answers") == sorted(
+        fingerprint({"model": model}) for model in ("student", "teacher"))
     assert {r["stage"] for r in status_after} >= {"answers", "lmeval", "pairs", "prompts"}
     assert invoke("cache", "verify", cache).output.strip() == "all shards intact"
     counts = invoke("sql", cache, "SELECT (SELECT count(*) FROM prompts) AS p, (SELECT count(*) FROM pairs) AS n, "
                                   "(SELECT count(*) FROM answers) AS a", "-f", "json")
-    assert json.loads(counts.output) == [{"p": 6, "n": 6, "a": 1}]  # the view: active fingerprints only
+    assert json.loads(counts.output) == [{"p": 6, "n": 6, "a": 2}]  # the view: active fingerprints only
     assert invoke("cache", "gc", cache).output == "freed 0 B\n"
 
 
@@ -123,26 +124,6 @@ def test_cache_gc_refuses_a_folder_that_is_not_a_cache(tmp_path):
     assert (tmp_path / "stuff" / "notes.txt").read_text() == "mine"
     one_line_error(invoke("cache", "gc", tmp_path / "absent", "--dry-run"), "no cache at")
     assert not (tmp_path / "absent").exists()
-
-
-HOLD = "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('holding', flush=True); time.sleep(120)"
-
-
-def test_cache_gc_refuses_while_another_process_holds_the_index(tmp_path):
-    cache = open_cache(tmp_path / "cache", create=True)
-    (cache.root / "prompts" / "0123456789abcdef").mkdir(parents=True)  # something gc would remove
-    before = snapshot(cache.root)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(cache.index_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        for flags in ([], ["--dry-run"]):
-            result = invoke("cache", "gc", cache.root, *flags)
-            one_line_error(result, f"locked by PID {holder.pid}")
-            assert "then rerun" in result.output
-    finally:
-        holder.kill()
-        holder.wait()
-    assert snapshot(cache.root) == before
 
 
 def test_cache_status_and_verify_cover_eval_files(tmp_path):
@@ -162,6 +143,7 @@ def test_cache_status_and_verify_cover_eval_files(tmp_path):
     from dadpo_offline.eval.alpacaeval import register_annotator
 
     register_annotator(cache, annotator)
+    build_index(cache)  # as eval does at its end
 
     rows = {r["stage"]: r for r in json.loads(invoke("cache", "status", cache.root, "-f", "json").output)}
     assert (rows["lmeval"]["fingerprint"], rows["lmeval"]["done"], rows["lmeval"]["n_shards"]) == (fingerprint(settings), 1, 1)
@@ -181,6 +163,7 @@ def test_cache_status_and_verify_cover_eval_files(tmp_path):
         f"lmeval file (lmeval/{result.name}): checksum mismatch (corrupted)"]
     assert verify.output.splitlines()[2].startswith("Error: 2 bad shard(s)")
     assert cached_json(cache, "lmeval", settings, result) is None  # damaged: removed, to be computed again
+    build_index(cache)
     assert not result.exists() and fingerprint(settings) not in {
         r["fingerprint"] for r in cache.status() if r["done"]}
 
@@ -192,6 +175,7 @@ def test_an_unregistered_lmeval_result_of_an_older_cache_is_adopted(tmp_path):
     path.parent.mkdir()
     path.write_text('{"results": {}}')
     assert cached_json(cache, "lmeval", settings, path) == {"results": {}}
+    build_index(cache)
     assert [(r["stage"], r["done"]) for r in cache.status()] == [("lmeval", 1)]
     assert cache.verify() == []
     register_files(cache, "lmeval", settings, [path])  # registering again replaces, never duplicates

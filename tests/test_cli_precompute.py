@@ -120,29 +120,37 @@ def test_precompute_score_without_generations_fails_before_touching_the_cache(ti
     assert snapshot(tmp_path / "cache") == before
 
 
-def test_precompute_beside_a_reader_that_keeps_the_index_open_names_it(tiny_manifest, tmp_path, monkeypatch):
-    """A stock DuckDB client (another process) keeps index.duckdb open read-only: the writer stops
-    after READER_WAIT_S with one line naming the holder's PID, and changes nothing."""
+READER = """
+import duckdb, sys
+con = duckdb.connect(sys.argv[1], read_only=True)
+count = lambda: con.execute("SELECT count(*) FROM prompts").fetchone()[0]
+print(count(), flush=True)
+sys.stdin.readline()
+print(count(), flush=True)
+"""
+
+
+def test_precompute_beside_a_reader_that_keeps_the_index_open_replaces_it_under_the_reader(tiny_manifest, tmp_path):
+    """A stock DuckDB client (another process) keeps index.duckdb open read-only: the writer neither
+    waits nor fails; the reader keeps its whole old index, and the next one opens the new."""
     import subprocess
     import sys
 
-    from dadpo_offline.cache import index
-
     assert invoke("precompute", tiny_manifest, "--stage", "prompts").exit_code == 0
-    before = snapshot(tmp_path / "cache")
-    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time\n"
-                               "con = duckdb.connect(sys.argv[1], read_only=True)\nprint('open', flush=True)\n"
-                               "time.sleep(120)", str(tmp_path / "cache" / "index.duckdb")],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", READER, str(tmp_path / "cache" / "index.duckdb")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "open"
-        monkeypatch.setattr(index, "READER_WAIT_S", 1)
-        one_line_error(invoke("precompute", tiny_manifest, "--stage", "prompts"),
-                       f"index.duckdb is held open for reading by PID {holder.pid} (")
+        assert holder.stdout.readline().strip() == "6"
+        result = invoke("precompute", tiny_manifest, "--stage", "prompts", "--set", "prompts.limit=2")
+        assert result.exit_code == 0, result.output
+        holder.stdin.write("again\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "6"
     finally:
         holder.kill()
         holder.wait()
-    assert snapshot(tmp_path / "cache") == before
+    assert json.loads(invoke("sql", tmp_path / "cache", "SELECT count(*) AS n FROM prompts", "-f", "json").output) == [
+        {"n": 2}]
 
 
 FULL_DISK = """
@@ -196,10 +204,9 @@ def test_precompute_on_a_full_disk_is_one_line_and_changes_nothing(tiny_manifest
     assert done.returncode == 0, done.stderr + (out / "first.err").read_text()
     read = lambda name: (out / name).read_text().strip()
     assert read("changed.rc") == "1" and read("new.rc") == "1"
-    assert read("changed.err") == (f"Error: no space left on device for {disk}/cache/index.duckdb; nothing was "
-                                   "registered — free space, then rerun (finished shards are kept)")
-    assert read("new.err").startswith(f"Error: {disk}/new/index.duckdb: cannot open the index (")
-    assert "No space left on device" in read("new.err") and len(read("new.err").splitlines()) == 1
+    assert read("changed.err").startswith(f"Error: cannot write {disk}/cache/prompts/")
+    assert read("changed.err").endswith("/stage.json: No space left on device")
+    assert read("new.err") == f"Error: cannot write {disk}/new/dadpo-cache.json: No space left on device"
     shard, manifest = read("writes.err").splitlines()
     assert shard.startswith(f"cannot write {disk}/cache/prompts/extra.parquet: ")
     assert shard.endswith("No space left on device")

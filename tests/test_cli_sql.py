@@ -108,7 +108,7 @@ def test_sql_explain_analyze_of_a_select_still_runs(small_cache):
 
 def test_read_only_connections_are_confined_by_duckdb_itself(small_cache, tmp_path):
     """The second layer, without sql's allow-list: DuckDB refuses files outside the cache, extensions, settings."""
-    with open_cache(small_cache).connect(read_only=True) as con:
+    with open_cache(small_cache).connect() as con:
         assert con.execute("SELECT count(*) FROM pairs").fetchone() == (6,)
         for statement in [f"COPY (SELECT 1) TO '{tmp_path}/x.csv'", "SELECT * FROM read_text('/etc/hostname')",
                           "SET enable_external_access = true", "LOAD httpfs",

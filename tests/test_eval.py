@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from dadpo_offline.cache.index import open_cache
+from dadpo_offline.cache.publish import build_index
 from dadpo_offline.cache.schema import JUDGMENTS
 from dadpo_offline.errors import InputError
 from dadpo_offline.eval import answers as answers_module
@@ -343,5 +344,6 @@ def test_answers_resume_after_a_crash_and_reuse_the_cache(tmp_path, monkeypatch)
     calls.clear()
     again = generate_answers(cache, "winrate", student, questions, engines)
     assert calls == [] and again.equals(table)
-    with open_cache(tmp_path / "cache").connect(read_only=True) as con:
+    build_index(cache)
+    with open_cache(tmp_path / "cache").connect() as con:
         assert con.execute("SELECT count(*), count(DISTINCT (question_id, turn)) FROM answers").fetchone() == (6, 6)

@@ -132,6 +132,7 @@ def test_answers_cached_before_token_ids_were_kept_read_back_with_null_ids(tmp_p
     import pyarrow as pa
 
     from dadpo_offline.cache.index import open_cache
+    from dadpo_offline.cache.publish import build_index
     from dadpo_offline.cache.schema import ANSWERS
     from dadpo_offline.cache.shards import shard_path, write_shard
     from dadpo_offline.eval.store import cached_shards
@@ -146,7 +147,8 @@ def test_answers_cached_before_token_ids_were_kept_read_back_with_null_ids(tmp_p
     new = pa.Table.from_pylist([answer | {"question_id": "r", "token_ids": [5, 6]}], schema=ANSWERS)
     table = cached_shards(cache, "answers", "fp", {}, 2, lambda k: new, desc=None)
     assert table.column("token_ids").to_pylist() == [None, [5, 6]]
-    with cache.connect(read_only=True) as con:
+    build_index(cache)
+    with cache.connect() as con:
         assert con.execute("SELECT question_id, token_ids FROM answers ORDER BY 1").fetchall() == [("q", None),
                                                                                                   ("r", [5, 6])]
 

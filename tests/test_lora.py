@@ -57,7 +57,7 @@ def logps(model, sequences):
 
 
 def cached_sequences(cache_dir, n=4):
-    with open_cache(cache_dir).connect(read_only=True) as con:
+    with open_cache(cache_dir).connect() as con:
         rows = con.execute("SELECT chosen_input_ids, rejected_input_ids FROM pairs ORDER BY prompt_id, chosen_sample, rejected_sample "
                            "LIMIT ?", [n // 2]).fetchall()
     return [list(ids) for row in rows for ids in row]
@@ -128,7 +128,7 @@ def test_merged_models_equal_their_adapter_models_and_the_adapter_changes_the_an
         engine.close()
     for a, v in zip(with_adapter, scored):  # the daDPO adapter model's numbers, from vLLM on merged/
         assert (a - torch.tensor(v)).abs().max().item() < 1e-3
-    with open_cache(lora_run["manifest"].cache_dir).connect(read_only=True) as con:
+    with open_cache(lora_run["manifest"].cache_dir).connect() as con:
         (settings,) = con.execute("SELECT settings FROM stages WHERE stage = 'score-reference' AND active").fetchone()
     assert json.loads(settings)["model"] == "sft"  # the cache's reference numbers came from vLLM on sft/merged
 

@@ -113,7 +113,7 @@ def policy_cache(tmp_path_factory, tiny_student):
 
 
 def query(cache_dir, sql, params=()):
-    with open_cache(cache_dir).connect(read_only=True) as con:
+    with open_cache(cache_dir).connect() as con:
         return con.execute(sql, list(params)).fetchall()
 
 

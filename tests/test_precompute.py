@@ -14,6 +14,7 @@ import torch
 from conftest import PROMPTS, write_jsonl, write_manifest
 from dadpo_offline.errors import ModelError
 from dadpo_offline.cache import open_cache
+from dadpo_offline.cache.publish import build_index
 from dadpo_offline.manifest import load_manifest
 from dadpo_offline.precompute.run import precompute
 
@@ -117,6 +118,8 @@ def test_two_shard_jobs_equal_one_unsharded_run(small_cache, tmp_path):
     assert [r.built for r in first.stages] == [1, 2, 2, 2, 2, 2]  # shards 0 and 2 of 3
     second = precompute(manifest, shard_spec="1/2")
     assert [r.built for r in second.stages] == [0, 1, 1, 1, 1, 1]
+    assert not (tmp_path / "cache" / "index.duckdb").exists()  # --shard jobs never open it
+    build_index(open_cache(tmp_path / "cache", create=True))
     for view in ("generations", "scores", "pairs"):
         assert table(tmp_path / "cache", view) == table(small_cache, view)
 

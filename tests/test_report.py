@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from dadpo_offline.cache import open_cache
+from dadpo_offline.cache.publish import build_index
 from dadpo_offline.cache.schema import PAIRS
 from dadpo_offline.cache.shards import shard_path, write_shard
 from dadpo_offline.cli import main
@@ -40,6 +41,7 @@ def make_cache(root, n=40):
     written = write_shard(pa.Table.from_pylist(rows, schema=PAIRS), shard_path(cache.stage_dir("pairs", "fp-pairs"), 0),
                           {"stage": "pairs", "fingerprint": "fp-pairs", "shard": 0})
     cache.register("pairs", "fp-pairs", 0, written)
+    build_index(cache)
     return cache
 
 
@@ -69,6 +71,7 @@ def save_eval(cache, eval_dir, run_id, rows):
     folder.mkdir(parents=True)
     summary = {"run_id": run_id, "models": {m: f"/models/{m}" for m in reversed(ORDER)}, "judge": {"model": "judge-model"}}
     save_results(cache, folder, run_id, rows, summary, f"# Eval {run_id}\n")
+    build_index(cache)  # as eval does at its end
 
 
 def trainer_state(folder, stage, steps=6, beta1=0.1, beta2=0.01):

@@ -101,7 +101,7 @@ def test_dadpo_steps_lower_the_loss_and_raise_the_margins(tiny_cache, tmp_path):
 
 def first_step_loss_from_the_cache(m) -> float:
     """Step 1 runs with policy = reference: its loss is known from the cache alone (float64, in DuckDB)."""
-    with open_cache(m.cache_dir).connect(read_only=True) as con:
+    with open_cache(m.cache_dir).connect() as con:
         return con.execute("SELECT avg(ln(1 + exp(-? * ((ref_chosen_logp - teacher_chosen_logp) "
                            "- (ref_rejected_logp - teacher_rejected_logp))))) FROM pairs", [m.train.beta2]).fetchone()[0]
 

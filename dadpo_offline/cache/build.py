@@ -1,9 +1,10 @@
 """Building one stage of the cache, the one recipe that precompute and eval share.
 
-begin_stage (record the settings, make the fingerprint active) → delete this job's stale
-temporary files → find the shards that need no work (registered and intact, or complete and
-adoptable) → build each missing one, write it atomically, register it. A kill at any moment
-loses only the shard in flight; a rerun builds only what is missing.
+begin_stage (a stage record: the settings, this fingerprint the newest) → delete this job's stale
+temporary files → find the shards that need no work (committed and intact, or complete and
+adoptable) → build each missing one, write it atomically, then its commit record. A kill at any
+moment loses only the shard in flight; a rerun builds only what is missing. Nothing here opens
+`index.duckdb`: `cache index` builds it from the records.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def build_stage(cache: CacheIndex, stage: str, fingerprint: str, settings: dict,
             continue
         table = build(k)
         written = write_shard(table, shard_path(stage_dir, k), {"stage": stage, "fingerprint": fingerprint, "shard": k})
-        cache.register(stage, fingerprint, k, written)
+        cache.register(stage, fingerprint, k, written, settings.get("engine"))
         report.built += 1
         report.rows += table.num_rows
         if "n_tokens" in table.column_names:

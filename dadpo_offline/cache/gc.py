@@ -1,14 +1,14 @@
-"""`cache gc`: remove what no reader will use again — stale fingerprints and files no index row points to.
+"""`cache gc`: remove what no reader will use again — stale fingerprints and files no commit record points to.
 
-Kept, always: the index and its WAL, `_empty/` (the typed empty files behind empty views), and
-every fingerprint that is active or belongs to an accumulating stage (eval answers, judgments,
-results, lm-eval and AlpacaEval files), with its registered files, its `manifest.yaml` and the
-complete shards a rerun would adopt; the files of the eval artefact folders (a rerun adopts
-them too); temporary files whose writer may still be running. Removed: each stale fingerprint
-(registry rows first, then its folder), and every other file or folder in the cache.
+Kept, always: the index, the cache's marker, `_empty/` (the typed empty files behind empty
+views), and every fingerprint that is active or belongs to an accumulating stage (eval answers,
+judgments, results, lm-eval and AlpacaEval files), with its records, its committed files, its
+`manifest.yaml` and the complete shards a rerun would adopt; the files of the eval artefact
+folders (a rerun adopts them too); temporary files whose writer may still be running. Removed:
+each stale fingerprint (its records first, then its folder), and every other file or folder in
+the cache, a killed `cache index`'s temporary file included. Then the index is rebuilt.
 
-gc holds the index for its whole run, so no writer registers anything meanwhile, and refuses to
-start while another process holds it.
+Like `cache index`, gc runs when no job writes to the cache (in a job array: after them all).
 """
 from __future__ import annotations
 
@@ -19,16 +19,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
-
 from ..errors import CacheError
-from .index import INDEX_NAME, CacheIndex, open_cache
-from .schema import ACCUMULATING, FILE_STAGES
+from . import records
+from .index import EMPTY_DIR, INDEX_NAME, is_cache, open_cache
+from .publish import build_index
+from .schema import FILE_STAGES
 from .shards import shard_metadata
 
-GC_WAIT_S = 5  # our own writers hold the index for milliseconds; longer means another process is at work
 TEMP_GRACE_S = 3600  # a temporary file from another host counts as in flight for this long
-EMPTY_DIR = "_empty"
+RECORD_NAMES = (records.STAGE_RECORD, "manifest.yaml")
 
 
 @dataclass(frozen=True)
@@ -39,54 +38,52 @@ class Removal:
 
 
 def collect_garbage(cache_dir: str | Path, dry_run: bool = False) -> list[Removal]:
-    """Remove (or, with dry_run, only list) stale fingerprints and unregistered files; return what."""
+    """Remove (or, with dry_run, only list) stale fingerprints and uncommitted files; return what."""
     root = Path(cache_dir).expanduser().resolve()
-    if not (root / INDEX_NAME).is_file():
+    if not is_cache(root):
         open_cache(root)  # raises: not a cache, or no cache yet
-    cache = CacheIndex(root)
-    with cache.connect(read_only=dry_run, wait_s=GC_WAIT_S) as con:
-        try:
-            stages = con.execute("SELECT stage, fingerprint, active FROM stages").fetchall()
-            shards = con.execute("SELECT stage, fingerprint, path FROM shards").fetchall()
-        except duckdb.Error as exc:
-            raise CacheError(f"{cache.index_path}: not a dadpo-offline index ({str(exc).splitlines()[0]})") from exc
-        stale = sorted((stage, fp) for stage, fp, active in stages if not active and stage not in ACCUMULATING)
-        removals, gone, outside_files = [], set(), []
-        for stage, fp in stale:
-            folder = cache.stage_dir(stage, fp)
-            files = [root / path for s, f, path in shards if (s, f) == (stage, fp)]
-            outside = [f for f in files if not f.is_relative_to(folder)]
-            size = _size(folder) + sum(_size(f) for f in outside)
-            removals.append(Removal(f"{stage}/{fp}/", f"stale fingerprint, {_count(len(files), 'shard')}", size))
-            gone |= {folder, *outside}
-            outside_files += outside
-        kept = {(stage, fp) for stage, fp, _ in stages} - set(stale)
-        sweep = Sweep(root, {root / path for s, f, path in shards if (s, f) in kept},
-                      {cache.stage_dir(stage, fp): (stage, fp) for stage, fp in kept}, gone)
-        for path in sweep.removable():
-            rel = path.relative_to(root).as_posix()
-            if path.is_dir() and not path.is_symlink():
-                files = sum(1 for p in path.rglob("*") if not p.is_dir())
-                what = _count(files, "unregistered file") if files else "empty folder"
-                removals.append(Removal(rel + "/", what, _size(path)))
-            else:
-                removals.append(Removal(rel, "temporary file" if ".tmp-" in path.name else "unregistered file",
-                                        _size(path)))
-        if dry_run:
-            return removals
-        for stage, fp in stale:  # the registry first: a crash now leaves unregistered files for the next gc
-            con.execute("DELETE FROM shards WHERE stage = ? AND fingerprint = ?", [stage, fp])
-            con.execute("DELETE FROM stages WHERE stage = ? AND fingerprint = ?", [stage, fp])
-        if stale:
-            cache._write_views(con)
-        for removal in removals:
-            path = root / removal.path
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-        for path in outside_files:  # a stale fingerprint's registered files outside its folder
+    if not (root / records.MARKER).is_file() and dry_run:
+        raise CacheError(f"{root} was made before commit records — run: dadpo-offline cache index {root}, "
+                         "then gc")
+    cache = open_cache(root, create=not dry_run)
+    begun = records.stage_records(root)
+    active = records.active_fingerprints(begun)
+    committed = {(r.stage, r.fingerprint): cache.registered(r.stage, r.fingerprint) for r in begun}
+    stale = sorted(key for key in committed if key not in active)
+    removals, gone, outside_files = [], set(), []
+    for stage, fp in stale:
+        folder = cache.stage_dir(stage, fp)
+        files = [entry.path for entry in committed[(stage, fp)].values()]
+        outside = [f for f in files if not f.is_relative_to(folder)]
+        size = _size(folder) + sum(_size(f) for f in outside)
+        removals.append(Removal(f"{stage}/{fp}/", f"stale fingerprint, {_count(len(files), 'shard')}", size))
+        gone |= {folder, *outside}
+        outside_files += outside
+    kept = set(committed) - set(stale)
+    sweep = Sweep(root, {entry.path for key in kept for entry in committed[key].values()},
+                  {cache.stage_dir(stage, fp): (stage, fp) for stage, fp in kept}, gone)
+    for path in sweep.removable():
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            files = sum(1 for p in path.rglob("*") if not p.is_dir())
+            what = _count(files, "unregistered file") if files else "empty folder"
+            removals.append(Removal(rel + "/", what, _size(path)))
+        else:
+            removals.append(Removal(rel, "temporary file" if ".tmp-" in path.name else "unregistered file",
+                                    _size(path)))
+    if dry_run:
+        return removals
+    for stage, fp in stale:  # the records first: a crash now leaves uncommitted files for the next gc
+        (cache.stage_dir(stage, fp) / records.STAGE_RECORD).unlink(missing_ok=True)
+    for removal in removals:
+        path = root / removal.path
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
             path.unlink(missing_ok=True)
+    for path in outside_files:  # a stale fingerprint's committed files outside its folder
+        path.unlink(missing_ok=True)
+    build_index(cache)
     return removals
 
 
@@ -103,8 +100,7 @@ class Sweep:
         """(whether all of `folder` may go, what to remove below it: whole folders where possible)"""
         whole, out = folder not in self.kept_dirs and folder != self.root, []
         for entry in sorted(folder.iterdir()):
-            if entry in self.gone or (folder == self.root and (entry.name.startswith(INDEX_NAME)
-                                                                or entry.name == EMPTY_DIR)):
+            if entry in self.gone or (folder == self.root and entry.name in (INDEX_NAME, EMPTY_DIR, records.MARKER)):
                 whole = False
             elif entry.is_dir() and not entry.is_symlink():
                 all_of_it, below = self._walk(entry)
@@ -123,7 +119,8 @@ class Sweep:
             return in_flight(path)
         owner = self.kept_dirs.get(path.parent)
         if owner is not None:
-            return path.name == "manifest.yaml" or _adoptable(path, *owner)
+            return (path.name in RECORD_NAMES or path.name.startswith("commit-") and path.suffix == ".json"
+                    or _adoptable(path, *owner))
         return path.relative_to(self.root).parts[0] in FILE_STAGES  # an eval artefact the next eval adopts
 
 

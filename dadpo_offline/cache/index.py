@@ -1,25 +1,19 @@
 """`index.duckdb`: the shard registry and the views `prompts`, `generations`, `scores`, `pairs`,
 and, once `eval` has run, `answers`, `judgments` and `eval_results`.
 
-The views read the registered shards of each stage's active fingerprint through absolute paths,
-so a stock DuckDB client opens them from any working directory. Readers never write: in a moved
-or copied cache, this tool's read-only connections see the views through temporary ones made
-for the new location (the file stays untouched, and may be read-only); the next writer rewrites
-the stored views.
-
-Writers hold the DuckDB file only for a moment (open, write, close) so that several
-`--shard i/N` jobs on one cache take turns instead of failing on the file lock.
+The index is derived: `cache index` (publish.py) builds it from the commit records (records.py)
+and replaces it atomically; writers never open it. The views read the committed shards of each
+stage's active fingerprint through absolute paths, so a stock DuckDB client opens them from any
+working directory. Readers never write: in a moved or copied cache, this tool's read-only
+connections see the views through temporary ones made for the new place (the file stays
+untouched, and may be read-only).
 """
 from __future__ import annotations
 
 import json
-import random
-import re
-import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -27,44 +21,45 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ..errors import CacheError
-from .schema import ACCUMULATING, STAGES, VIEW_FILTERS, VIEW_STAGES, VIEWS_BY_NAME
+from . import records
+from .records import MARKER, RegisteredShard, mark_cache
+from .schema import STAGES, VIEW_FILTERS, VIEW_STAGES, VIEWS_BY_NAME
 from .shards import ShardFile, file_sha256, read_shard, shard_metadata, shard_path
 
 INDEX_NAME = "index.duckdb"
-FORMAT_VERSION = "1"
-LOCK_WAIT_S = 300  # another writer (a --shard job) holds the index: wait for our turn
-READER_WAIT_S = 20  # a reader holds it open: past this, it is not one of ours
+EMPTY_DIR = "_empty"  # typed zero-row files behind empty views
 NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 REGISTRY_SQL = """
-CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS stages (
+CREATE TABLE meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE stages (
     stage VARCHAR, fingerprint VARCHAR, settings JSON, n_shards INTEGER, active BOOLEAN,
-    created_at TIMESTAMP DEFAULT current_timestamp, PRIMARY KEY (stage, fingerprint));
-CREATE TABLE IF NOT EXISTS shards (
+    created_at TIMESTAMP, PRIMARY KEY (stage, fingerprint));
+CREATE TABLE shards (
     stage VARCHAR, fingerprint VARCHAR, shard INTEGER, path VARCHAR, rows BIGINT, bytes BIGINT,
-    sha256 VARCHAR, created_at TIMESTAMP DEFAULT current_timestamp,
-    PRIMARY KEY (stage, fingerprint, shard));
+    sha256 VARCHAR, PRIMARY KEY (stage, fingerprint, shard));
 """
 
 
-@dataclass(frozen=True)
-class RegisteredShard:
-    shard: int
-    path: Path
-    rows: int
-    bytes: int
-    sha256: str
+def is_cache(root: Path) -> bool:
+    return (root / MARKER).is_file() or (root / INDEX_NAME).is_file()
 
 
 def open_cache(root: str | Path, create: bool = False) -> "CacheIndex":
-    """Open an existing cache, or create one when `create` and the folder is new or empty."""
+    """Open an existing cache to read; with `create`, to write (made when the folder is new or empty).
+
+    A writer never opens `index.duckdb`: it writes shards and commit records only. A cache made
+    before commit records existed is converted once, here, by its first writer.
+    """
     root = Path(root).expanduser().resolve()
-    index = root / INDEX_NAME
-    if index.is_file():
+    if is_cache(root):
         cache = CacheIndex(root)
-        with cache.connect(read_only=True):  # a file that is not a DuckDB index is named now, not mid-run
-            return cache
+        if create and not (root / MARKER).is_file():
+            cache.import_legacy_registry()
+        elif not create and cache.index_path.is_file():
+            with cache.connect():  # a file that is not a DuckDB index is named now, not mid-run
+                pass
+        return cache
     if root.exists() and not root.is_dir():
         raise CacheError(f"{root} is a file, not a cache directory")
     if root.is_dir() and any(root.iterdir()):
@@ -74,24 +69,13 @@ def open_cache(root: str | Path, create: bool = False) -> "CacheIndex":
         raise CacheError(f"no cache at {root} — run: dadpo-offline precompute MANIFEST")
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
-    cache = CacheIndex(root)
     try:
-        with cache.connect() as con:
-            con.execute(REGISTRY_SQL)
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", [FORMAT_VERSION])
-            cache._write_views(con)
-    except (CacheError, OSError):  # e.g. a full disk: leave no half-made cache behind
-        for leftover in (index, wal_path(index)):
-            leftover.unlink(missing_ok=True)
-        shutil.rmtree(root / "_empty", ignore_errors=True)
+        mark_cache(root)
+    except CacheError:  # e.g. a full disk: leave no half-made cache behind
         if created and not any(root.iterdir()):
             root.rmdir()
         raise
-    return cache
-
-
-def wal_path(index: Path) -> Path:
-    return index.with_name(index.name + ".wal")
+    return CacheIndex(root)
 
 
 class CacheIndex:
@@ -100,88 +84,79 @@ class CacheIndex:
         self.index_path = root / INDEX_NAME
 
     @contextmanager
-    def connect(self, read_only: bool = False, wait_s: float | None = None):
-        """A short-lived connection; waits (with jitter) while another job holds the write lock, at
-        most `wait_s` seconds when given.
+    def connect(self):
+        """A read-only connection to the index: readers never write, so the cache may be mounted
+        read-only, elsewhere, or replaced by `cache index` while this connection reads the old one.
 
-        A read-only one is also confined by DuckDB's own controls: files only inside the cache
-        folder, no extensions, settings locked. So even a statement that slipped past `sql`'s
-        allow-list could neither write outside the cache nor turn the controls off.
+        It is also confined by DuckDB's own controls: files only inside the cache folder, no
+        extensions, settings locked. So even a statement that slipped past `sql`'s allow-list
+        could neither write outside the cache nor turn the controls off.
         """
-        start = time.monotonic()
-        while True:
-            try:
-                con = duckdb.connect(str(self.index_path), read_only=read_only, config=NO_EXTENSIONS)
-                if read_only:
-                    con.execute("SET allowed_directories = ?", [[f"{self.root}/"]])
-                    con.execute("SET enable_external_access = false")
-                    con.execute("SET lock_configuration = true")
-                    if self._moved(con):
-                        self._temporary_views(con)
-                break
-            except duckdb.IOException as exc:
-                text = str(exc)
-                if "lock" not in text.lower():
-                    raise CacheError(f"{self.index_path}: cannot open the index ({text.splitlines()[0]})") from exc
-                # DuckDB adds "you would be able to open this database in read-only mode" when the
-                # holder has it open for reading: our own readers let go within moments, a
-                # notebook or a stock client may keep it for hours, so a writer stops waiting soon.
-                held_by_reader = "read-only mode" in text
-                patience = wait_s if wait_s is not None else READER_WAIT_S if held_by_reader else LOCK_WAIT_S
-                if time.monotonic() - start > patience:
-                    raise CacheError(lock_holder_message(self.index_path, text, held_by_reader, patience)) from exc
-                time.sleep(random.uniform(0.05, 0.5))
-            except duckdb.Error as exc:
-                raise CacheError(f"{self.index_path}: not a readable DuckDB index ({str(exc).splitlines()[0]})") from exc
+        if not self.index_path.is_file():
+            raise CacheError(f"{self.root} has no index yet — run: dadpo-offline cache index {self.root}")
+        try:
+            con = duckdb.connect(str(self.index_path), read_only=True, config=NO_EXTENSIONS)
+        except duckdb.IOException as exc:
+            raise CacheError(f"{self.index_path}: cannot open the index ({str(exc).splitlines()[0]})") from exc
+        except duckdb.Error as exc:
+            raise CacheError(f"{self.index_path}: not a readable DuckDB index ({str(exc).splitlines()[0]})") from exc
+        try:
+            con.execute("SET allowed_directories = ?", [[f"{self.root}/"]])
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            if self._moved(con):
+                self._temporary_views(con)
+        except duckdb.Error as exc:
+            con.close()
+            raise CacheError(f"{self.index_path}: not a dadpo-offline index ({str(exc).splitlines()[0]})") from exc
         try:
             yield con
-        except duckdb.Error as exc:
-            if "No space left on device" not in str(exc):
-                raise
-            # the commit failed, so nothing was registered; the WAL it began is empty, and ours to
-            # remove while this connection still holds the lock
-            wal = wal_path(self.index_path)
-            if wal.is_file() and wal.stat().st_size == 0:
-                wal.unlink()
-            raise CacheError(f"no space left on device for {self.index_path}; nothing was registered — free "
-                             "space, then rerun (finished shards are kept)") from exc
         finally:
             con.close()
 
     def stage_dir(self, stage: str, fingerprint: str) -> Path:
         return self.root / stage / fingerprint
 
-    # -- registry -------------------------------------------------------------------------------
+    # -- commit records (writers) ---------------------------------------------------------------
 
     def begin_stage(self, stage: str, fingerprint: str, settings: dict, n_shards: int) -> None:
-        """Record a stage's settings and make this fingerprint the one the views show (beside the others, if accumulating)."""
-        with self.connect() as con:
-            if stage not in ACCUMULATING:
-                con.execute("UPDATE stages SET active = false WHERE stage = ? AND fingerprint <> ?", [stage, fingerprint])
-            con.execute("INSERT INTO stages (stage, fingerprint, settings, n_shards, active) VALUES (?, ?, ?, ?, true) "
-                        "ON CONFLICT DO UPDATE SET active = true, n_shards = excluded.n_shards",
-                        [stage, fingerprint, json.dumps(settings, sort_keys=True), n_shards])
-            self._write_views(con)
+        """Record a stage's settings and make this fingerprint the newest (the one the views show,
+        beside the others if accumulating, once `cache index` has run)."""
+        records.begin(self.stage_dir(stage, fingerprint), stage, fingerprint, settings, n_shards)
 
     def registered(self, stage: str, fingerprint: str) -> dict[int, RegisteredShard]:
-        with self.connect() as con:
-            rows = con.execute("SELECT shard, path, rows, bytes, sha256 FROM shards WHERE stage = ? AND fingerprint = ?",
-                               [stage, fingerprint]).fetchall()
-        return {r[0]: RegisteredShard(r[0], self.root / r[1], r[2], r[3], r[4]) for r in rows}
+        """The committed shards of a stage fingerprint, from their records (not from the index)."""
+        return records.commits(self.root, self.stage_dir(stage, fingerprint))
 
-    def register(self, stage: str, fingerprint: str, shard: int, written: ShardFile) -> None:
-        """Called only after the rename: a registered shard is always a complete file."""
-        relative = written.path.relative_to(self.root).as_posix()
-        with self.connect() as con:
-            con.execute("INSERT OR REPLACE INTO shards (stage, fingerprint, shard, path, rows, bytes, sha256) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [stage, fingerprint, shard, relative, written.rows, written.bytes, written.sha256])
-            self._write_views(con)
+    def register(self, stage: str, fingerprint: str, shard: int, written: ShardFile, engine=None) -> None:
+        """Called only after the rename: a committed shard is always a complete file."""
+        records.commit(self.root, self.stage_dir(stage, fingerprint), stage, fingerprint, shard, written.path,
+                       written.rows, written.bytes, written.sha256, engine)
 
     def unregister(self, stage: str, fingerprint: str, shard: int) -> None:
+        records.commit_path(self.stage_dir(stage, fingerprint), shard).unlink(missing_ok=True)
+
+    def active_settings(self, stage: str) -> dict:
+        """The settings of `stage`'s newest fingerprint, from the records; {} when none was begun."""
+        begun = [r for r in records.stage_records(self.root) if r.stage == stage]
+        return max(begun, key=lambda r: (r.begun_ns, r.fingerprint)).settings if begun else {}
+
+    def import_legacy_registry(self) -> None:
+        """Write the commit and stage records of a cache whose registry lived only in its index
+        (format 1), then mark it: done once, by the first writer of the new protocol."""
         with self.connect() as con:
-            con.execute("DELETE FROM shards WHERE stage = ? AND fingerprint = ? AND shard = ?", [stage, fingerprint, shard])
-            self._write_views(con)
+            stages = con.execute("SELECT stage, fingerprint, settings, n_shards, active, epoch_ns(created_at) "
+                                 "FROM stages").fetchall()
+            shards = con.execute("SELECT stage, fingerprint, shard, path, rows, bytes, sha256 FROM shards").fetchall()
+        for stage, fp, settings, n_shards, active, created_ns in stages:
+            records.write_record(self.stage_dir(stage, fp) / records.STAGE_RECORD, {
+                "stage": stage, "fingerprint": fp, "settings": json.loads(settings), "n_shards": n_shards,
+                "begun_ns": time.time_ns() if active else created_ns or 0})
+        for stage, fp, shard, rel, rows, size, sha in shards:
+            records.commit(self.root, self.stage_dir(stage, fp), stage, fp, shard, self.root / rel, rows, size, sha, None)
+        mark_cache(self.root)
+
+    # -- the index (readers) --------------------------------------------------------------------
 
     def ready_fingerprint(self, stage: str, producer: str) -> str:
         """The active fingerprint of `stage`, once all its shards exist and its inputs are still the active ones.
@@ -190,7 +165,7 @@ class CacheIndex:
         --shard jobs run, nor on pairs built from generations that a newer run has replaced.
         """
         command = f"run: dadpo-offline precompute MANIFEST --stage {producer}"
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             row = con.execute("""
                 SELECT t.fingerprint, t.settings, t.n_shards, count(s.shard) FROM stages t
                 LEFT JOIN shards s USING (stage, fingerprint) WHERE t.stage = ? AND t.active GROUP BY ALL""",
@@ -267,7 +242,10 @@ class CacheIndex:
                 "SELECT s.path FROM shards s JOIN stages t USING (stage, fingerprint) "
                 "WHERE t.active AND s.stage IN (SELECT unnest(?)) ORDER BY s.stage, s.shard", [stages]).fetchall()]
             if not files:
-                files = [str(self._empty_shard(stages[0]))]
+                empty = self.root / EMPTY_DIR / f"{stages[0]}.parquet"
+                if temporary and not empty.is_file():  # a reader makes no file: the stored view stays
+                    continue
+                files = [str(empty if temporary else self._empty_shard(stages[0]))]
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
             by_name = ", union_by_name = true" if view in VIEWS_BY_NAME else ""
             where = f" WHERE {VIEW_FILTERS[view]}" if view in VIEW_FILTERS else ""
@@ -278,7 +256,7 @@ class CacheIndex:
 
     def _empty_shard(self, stage: str) -> Path:
         """A zero-row file with the stage's schema, so empty views still have typed columns."""
-        path = self.root / "_empty" / f"{stage}.parquet"
+        path = self.root / EMPTY_DIR / f"{stage}.parquet"
         if not path.is_file() or not pq.read_schema(path).equals(STAGES[stage]):  # a column added since
             path.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(STAGES[stage].empty_table(), path)
@@ -289,7 +267,7 @@ class CacheIndex:
     def status(self) -> list[dict]:
         """One row per stage fingerprint: shards done of expected, rows, bytes, active or stale; for
         the active pairs, how many training reads and why the others are dropped."""
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             cursor = con.execute("""
                 SELECT t.stage, t.fingerprint, t.active, t.n_shards, count(s.shard) AS done,
                        coalesce(sum(s.rows), 0) AS rows, coalesce(sum(s.bytes), 0) AS bytes,
@@ -319,7 +297,7 @@ class CacheIndex:
                  "JOIN stages t USING (stage, fingerprint)")
         if stages is not None:
             query += " WHERE t.active AND s.stage IN (SELECT unnest(?))"
-        with self.connect(read_only=True) as con:
+        with self.connect() as con:
             rows = con.execute(query + " ORDER BY ALL", [stages] if stages is not None else []).fetchall()
         problems = []
         for stage, fp, shard, rel, size, sha in rows:
@@ -349,21 +327,6 @@ def pairs_per_prompt(con) -> str:
     row = con.execute("SELECT settings->>'policy' FROM stages WHERE stage = 'pairs' AND active").fetchone()
     policy = (row and row[0]) or "index"  # pairs built before pairs.policy existed paired by index
     return "none" if mean is None else f"mean {mean:.3g}, min {low}, max {high}; policy {policy}"
-
-
-def lock_holder_message(index: Path, duckdb_message: str, held_by_reader: bool, waited_s: float = LOCK_WAIT_S) -> str:
-    """Who holds the index (PID and command line, from DuckDB's message and /proc) and what to do."""
-    found = re.search(r"\(PID (\d+)\)", duckdb_message)
-    pid = found.group(1) if found else "?"
-    try:
-        command = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
-    except OSError:
-        command = ""
-    holder = f"PID {pid}" + (f" ({command[:120]})" if command else "")
-    if held_by_reader:
-        return (f"{index} is held open for reading by {holder}, which blocks every writer — close that DuckDB "
-                "connection (con.close(), or quit the client), then rerun")
-    return f"{index} stayed locked by {holder} for {waited_s:g} s — wait for it to finish, or stop it, then rerun"
 
 
 def shard_problem(path: Path, size: int, sha256: str, stage: str, fingerprint: str) -> str | None:

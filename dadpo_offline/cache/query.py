@@ -26,7 +26,7 @@ def run_query(cache_dir: str | Path, query: str, params: list | None = None) -> 
     if statement != "SELECT":
         raise DadpoError(f"refused: {statement} statements are not plain reads; the sql command runs only SELECT "
                          "(with DESCRIBE, SUMMARIZE, SHOW, VALUES) or EXPLAIN [ANALYZE] SELECT")
-    with cache.connect(read_only=True) as con:
+    with cache.connect() as con:
         try:
             return arrow_table(con.sql(query, params=params or None))
         except duckdb.Error as exc:

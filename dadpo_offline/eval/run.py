@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,7 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..cache.index import CacheIndex, open_cache
-from ..errors import InputError
+from ..cache.publish import build_index
+from ..errors import CacheError, InputError
 from ..manifest import EvalConfig, JudgeConfig, Manifest, ModelConfig, write_resolved
 from ..core.models import is_model_folder, resolve_model
 from ..core.engines import pick_backend
@@ -85,73 +86,78 @@ def evaluate(manifest: Manifest, suites: list[str] | None = None, extra: dict[st
     write_resolved(manifest, run_dir / "manifest.yaml")
     cache = open_cache(manifest.cache_dir, create=True)
     log(f"eval {run_id}: models {', '.join(models)}; suites {', '.join(suites)}; results {run_dir}")
-
-    # 3. Answers, model by model (each loaded once for all suites), then judging, suite by suite.
-    questions = {}
-    if "mtbench" in suites:
-        questions["mtbench"] = mtbench.to_questions(bench, e.mtbench.max_tokens)
-    if "winrate" in suites or "likelihood" in suites:
-        questions["winrate"] = winrate.to_questions(e.winrate)
-    if "likelihood" in suites:
-        questions["likelihood"] = likelihood.sampled_questions(questions["winrate"], e.likelihood)
-    if "alpacaeval" in suites:
-        questions["alpacaeval"] = [Question(f"{i:05d}", item.get("dataset") or "",
-                                            ({"role": "user", "content": item["instruction"]},), (), 0.0,
-                                            e.alpacaeval.max_tokens) for i, item in enumerate(instructions)]
-    start = time.perf_counter()
-    answers, rows, scores = {}, [], {}
-    if questions:
-        engines = Engines(manifest, pick_backend(manifest.engine.backend))
-        try:
-            roles = {name: model_role(name, config) for name, config in models.items()}
-            if "likelihood" in suites:  # the teacher first: each other model scores its samples while loaded
-                roles = {"teacher": roles["teacher"]} | roles
-            for role in roles.values():
-                for suite, asked in questions.items():
-                    answers[(suite, role.name)] = generate_answers(cache, suite, role, asked, engines)
-                if "likelihood" in suites:
-                    scores |= likelihood.score_while_loaded(cache, role, roles["teacher"], answers, engines)
-            if "likelihood" in suites:
-                scores |= likelihood.score_by_teacher(cache, roles["teacher"], roles, answers, engines)
-                rows += likelihood.likelihood_rows([q.question_id for q in questions["winrate"]], scores, list(roles))
-        finally:
-            engines.close()
-    answers = {suite: pa.concat_tables([t for (s, _), t in answers.items() if s == suite]) for suite in questions}
-    seconds = {"answers": round(time.perf_counter() - start, 1)}
-    judge = None
-    # the judge (a local server takes the GPU the answer engine gave back) only while judging
-    with served_judge(e.judge, run_dir / "judge-server.log") if judged_suites else nullcontext(e.judge) as judge_config:
-        if judged_suites:
-            judge = Judge(judge_config, judged_suites[0])
-        for suite in judged_suites:
-            start = time.perf_counter()
-            if suite == "mtbench":
-                requests = mtbench.judge_requests(bench, answers["mtbench"])
-                judgments = judged(cache, judge, suite, requests, mtbench.parse_rating, "judge mtbench",
-                                   mtbench.FOLLOWUP)
-                rows += mtbench.aggregate(judgments, judge.label)
-            elif suite == "winrate":
-                requests = winrate.judge_requests(bench.judge_prompts, questions["winrate"], answers["winrate"], "teacher")
-                judgments = judged(cache, judge, suite, requests, winrate.parse_verdict, "judge winrate",
-                                   winrate.FOLLOWUP)
-                rows += winrate.aggregate(judgments, judge.label)
-            else:
-                rows += run_alpacaeval(e, judge_config, instructions, questions["alpacaeval"], answers["alpacaeval"],
-                                       run_dir, cache)
-            seconds[suite] = round(time.perf_counter() - start, 1)
-    if "lmeval" in suites:
-        from .lmeval import run_lmeval
-
+    try:
+        # 3. Answers, model by model (each loaded once for all suites), then judging, suite by suite.
+        questions = {}
+        if "mtbench" in suites:
+            questions["mtbench"] = mtbench.to_questions(bench, e.mtbench.max_tokens)
+        if "winrate" in suites or "likelihood" in suites:
+            questions["winrate"] = winrate.to_questions(e.winrate)
+        if "likelihood" in suites:
+            questions["likelihood"] = likelihood.sampled_questions(questions["winrate"], e.likelihood)
+        if "alpacaeval" in suites:
+            questions["alpacaeval"] = [Question(f"{i:05d}", item.get("dataset") or "",
+                                                ({"role": "user", "content": item["instruction"]},), (), 0.0,
+                                                e.alpacaeval.max_tokens) for i, item in enumerate(instructions)]
         start = time.perf_counter()
-        rows += run_lmeval(e.lmeval, {name: resolve_model(m.model, m.revision) for name, m in models.items()},
-                           run_dir, cache.root)
-        seconds["lmeval"] = round(time.perf_counter() - start, 1)
-    # 4. Results: files in the run folder, rows in the cache's eval_results view.
-    refs = {name: m.model for name, m in models.items()}
-    report = markdown_report(run_id, refs, judge.label if judge else None, rows)
-    summary = {"run_id": run_id, "models": refs, "suites": suites, "judge": judge.identity if judge else None,
-               "seconds": seconds, "results": rows}
-    save_results(cache, run_dir, run_id, rows, summary, report)
+        answers, rows, scores = {}, [], {}
+        if questions:
+            engines = Engines(manifest, pick_backend(manifest.engine.backend))
+            try:
+                roles = {name: model_role(name, config) for name, config in models.items()}
+                if "likelihood" in suites:  # the teacher first: each other model scores its samples while loaded
+                    roles = {"teacher": roles["teacher"]} | roles
+                for role in roles.values():
+                    for suite, asked in questions.items():
+                        answers[(suite, role.name)] = generate_answers(cache, suite, role, asked, engines)
+                    if "likelihood" in suites:
+                        scores |= likelihood.score_while_loaded(cache, role, roles["teacher"], answers, engines)
+                if "likelihood" in suites:
+                    scores |= likelihood.score_by_teacher(cache, roles["teacher"], roles, answers, engines)
+                    rows += likelihood.likelihood_rows([q.question_id for q in questions["winrate"]], scores, list(roles))
+            finally:
+                engines.close()
+        answers = {suite: pa.concat_tables([t for (s, _), t in answers.items() if s == suite]) for suite in questions}
+        seconds = {"answers": round(time.perf_counter() - start, 1)}
+        judge = None
+        # the judge (a local server takes the GPU the answer engine gave back) only while judging
+        with served_judge(e.judge, run_dir / "judge-server.log") if judged_suites else nullcontext(e.judge) as judge_config:
+            if judged_suites:
+                judge = Judge(judge_config, judged_suites[0])
+            for suite in judged_suites:
+                start = time.perf_counter()
+                if suite == "mtbench":
+                    requests = mtbench.judge_requests(bench, answers["mtbench"])
+                    judgments = judged(cache, judge, suite, requests, mtbench.parse_rating, "judge mtbench",
+                                       mtbench.FOLLOWUP)
+                    rows += mtbench.aggregate(judgments, judge.label)
+                elif suite == "winrate":
+                    requests = winrate.judge_requests(bench.judge_prompts, questions["winrate"], answers["winrate"], "teacher")
+                    judgments = judged(cache, judge, suite, requests, winrate.parse_verdict, "judge winrate",
+                                       winrate.FOLLOWUP)
+                    rows += winrate.aggregate(judgments, judge.label)
+                else:
+                    rows += run_alpacaeval(e, judge_config, instructions, questions["alpacaeval"], answers["alpacaeval"],
+                                           run_dir, cache)
+                seconds[suite] = round(time.perf_counter() - start, 1)
+        if "lmeval" in suites:
+            from .lmeval import run_lmeval
+
+            start = time.perf_counter()
+            rows += run_lmeval(e.lmeval, {name: resolve_model(m.model, m.revision) for name, m in models.items()},
+                               run_dir, cache.root)
+            seconds["lmeval"] = round(time.perf_counter() - start, 1)
+        # 4. Results: files in the run folder, rows in the cache's eval_results view.
+        refs = {name: m.model for name, m in models.items()}
+        report = markdown_report(run_id, refs, judge.label if judge else None, rows)
+        summary = {"run_id": run_id, "models": refs, "suites": suites, "judge": judge.identity if judge else None,
+                   "seconds": seconds, "results": rows}
+        save_results(cache, run_dir, run_id, rows, summary, report)
+    except BaseException:  # what was committed stays readable (the next run reuses it) unless indexing fails too
+        with suppress(CacheError):
+            build_index(cache)
+        raise
+    build_index(cache)  # eval is one job: it indexes what it committed, for `sql` and `report`
     return EvalRun(run_id, run_dir, rows, seconds)
 
 

@@ -1,9 +1,10 @@
 """`dadpo-offline precompute`: prompts → generate (student, teacher) → score (teacher, reference).
 
 Recipe: validate everything (prompts, models, tokenizers) before touching the cache; then, stage
-by stage, build each missing shard of this job (`--shard i/N`), write it atomically, register
-it. A rerun skips registered, intact shards, so a kill at any moment loses only the shard in
-flight, and nothing is ever duplicated.
+by stage, build each missing shard of this job (`--shard i/N`), write it atomically, commit it (a record
+beside it). A rerun skips committed, intact shards, so a kill at any moment loses only the shard
+in flight, and nothing is ever duplicated. A lone job rebuilds `index.duckdb` after each stage;
+`--shard` jobs never open it (run `cache index` once they have all finished).
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from ..cache.build import StageReport, build_stage
-from ..cache.index import CacheIndex, open_cache
+from ..cache.index import CacheIndex, is_cache, open_cache
+from ..cache.publish import build_index
 from ..cache.shards import fingerprint, read_shard
 from ..errors import CacheError, InputError
 from ..manifest import Manifest, manifest_dict, write_resolved
@@ -142,6 +144,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
                                 desc=name, show_when_done=True, rates=True,
                                 prepare=lambda folder: write_resolved(manifest, folder / "manifest.yaml"))
             summary.stages.append(built.report)
+            if jobs == 1:  # a lone job indexes each stage; N jobs leave it to one `cache index` after them all
+                build_index(cache)
     finally:
         engines.close()
     return summary
@@ -162,11 +166,9 @@ def _ids_digest(rendered: list[list[np.ndarray]]) -> str:
 
 
 def _say_if_rendered_differently(cache: CacheIndex, prompt_settings: dict) -> None:
-    """Same prompts and templates, other ids than the cache's active prompts stage (another
+    """Same prompts and templates, other ids than the cache's newest prompts stage (another
     tokenizers version, a template that reads a clock or a random value): a new fingerprint, said."""
-    with cache.connect(read_only=True) as con:
-        row = con.execute("SELECT settings FROM stages WHERE stage = 'prompts' AND active").fetchone()
-    before = json.loads(row[0]) if row else {}
+    before = cache.active_settings("prompts")
     if "ids" in before and before["ids"] != prompt_settings["ids"] and \
             {**before, "ids": None} == json.loads(json.dumps({**prompt_settings, "ids": None})):
         tqdm.write("prompts: the chat templates render the same prompts to other token ids than the cache holds "
@@ -184,10 +186,10 @@ def _portable(prompts_config: dict) -> dict:
 def _require_generations(cache_dir: str, fps: dict, mine: list[int]) -> None:
     """`--stage score` reads this job's generate shards: make sure they exist before the cache changes at all."""
     command = "run: dadpo-offline precompute MANIFEST --stage generate"
-    try:
-        cache = open_cache(cache_dir)
-    except CacheError:
-        raise CacheError(f"no generations to score in {cache_dir} — {command}") from None
+    root = Path(cache_dir).expanduser().resolve()
+    if not is_cache(root):
+        raise CacheError(f"no generations to score in {cache_dir} — {command}")
+    cache = CacheIndex(root)
     for stage in ("generate-teacher", "generate-student"):
         missing = [k for k in mine if k not in cache.registered(stage, fps[stage])]
         if missing:

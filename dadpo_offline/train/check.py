@@ -58,7 +58,7 @@ def stored_scores(cache_dir: str, keys: list[tuple]) -> tuple[dict, dict]:
     and the settings the reference was scored with."""
     cache = open_cache(cache_dir)
     cache.check_intact(["scores"], "dadpo-offline precompute MANIFEST --stage score")
-    with cache.connect(read_only=True) as con:
+    with cache.connect() as con:
         con.execute("CREATE TEMP TABLE wanted (prompt_id VARCHAR, sample INTEGER)")
         con.executemany("INSERT INTO wanted VALUES (?, ?)", keys)
         rows = con.execute("SELECT prompt_id, sample, role, scorer, token_logprobs, logprob FROM scores "

@@ -56,7 +56,7 @@ def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -
     cache.check_intact(["pairs"], "dadpo-offline precompute MANIFEST --stage score")
     query = (f"SELECT {', '.join(PAIR_COLUMNS)} FROM pairs WHERE split = ? "
              "ORDER BY prompt_id, chosen_sample, rejected_sample" + (" LIMIT ?" if limit else ""))
-    with cache.connect(read_only=True) as con:
+    with cache.connect() as con:
         try:
             table = con.sql(query, params=[split, limit] if limit else [split]).to_arrow_table()
         except duckdb.BinderException:  # pairs shards from before pairs.policy: no chosen_sample column
@@ -98,7 +98,7 @@ def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list
     cache = open_cache(cache_dir)
     cache.ready_fingerprint("generate-teacher", "generate")
     cache.check_intact(["prompts", "generations"], "dadpo-offline precompute MANIFEST --stage generate")
-    with cache.connect(read_only=True) as con:
+    with cache.connect() as con:
         teacher, prompts = (con.execute("SELECT settings FROM stages WHERE stage = ? AND active", [stage]).fetchone()
                             for stage in ("generate-teacher", "prompts"))
         try:
