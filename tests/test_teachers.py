@@ -1,0 +1,165 @@
+"""Several teachers (`teachers:`): the manifest, unchanged single-teacher fingerprints, and a real
+two-teacher run — precompute, SQL, cache status, step-0 check and daDPO steps — on tiny models.
+
+The loss itself is checked against its closed forms in tests/test_losses.py."""
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import PROMPTS, write_jsonl
+from dadpo_offline.cli import main
+from dadpo_offline.errors import ManifestError
+from dadpo_offline.manifest import load_manifest
+
+TWO = """\
+teachers:
+  - {name: smol, model: embedded:smollm2-135m-instruct, beta2: 0.02}
+  - {name: tiny, model: TINY, beta2: 0.05}
+"""
+
+
+def manifest_file(tmp_path, text: str):
+    path = tmp_path / "m.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_teachers_load_with_names_weights_and_the_chosen_teacher(tmp_path):
+    m = load_manifest(manifest_file(tmp_path, TWO.replace("TINY", "./tiny") + "pairs: {chosen_from: tiny}\n"))
+    assert [(t.name, t.beta2) for t in m.teachers] == [("smol", 0.02), ("tiny", 0.05)]
+    assert m.teachers[1].model == str((tmp_path / "tiny").resolve())  # ./ resolves against the manifest, as teacher: does
+    assert m.chosen_teacher is m.teachers[1] and m.teacher_betas() == (0.02, 0.05)
+    first = load_manifest(manifest_file(tmp_path, TWO.replace("TINY", "./tiny")))
+    assert first.chosen_teacher is first.teachers[0]
+    single = load_manifest(None)
+    assert single.chosen_teacher is single.teacher and single.teacher_betas() == single.train.beta2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("teacher: {model: x}\n" + TWO, "teacher and teachers: give one"),
+    (TWO + "train: {beta2: 0.1}\n", "train.beta2: with teachers, each teacher's own beta2"),
+    (TWO.replace("name: tiny", "name: smol"), "teachers: the name 'smol' is given twice"),
+    (TWO.replace("name: tiny", "name: Tiny Model"), "teachers[1].name: 'Tiny Model' must be lowercase"),
+    (TWO.replace("name: tiny", "name: reference"), "teachers[1].name: 'reference'"),
+    (TWO.replace("beta2: 0.05", "beta2: -1"), "teachers[1].beta2 must be >= 0, got -1.0"),
+    (TWO + "pairs: {chosen_from: big}\n", "pairs.chosen_from: 'big' is not each or a teacher's name (smol, tiny)"),
+    ("pairs: {chosen_from: each}\n", "pairs.chosen_from=each: applies with teachers: only"),
+    (TWO + "sweep: {beta2: [0.1]}\n", "sweep.beta2: with teachers"),
+    (TWO.replace("0.02", "0").replace("0.05", "0") + "train: {loss: rdpo, compare: []}\n",
+     "train.loss=rdpo needs a positive beta2"),
+])
+def test_bad_teachers_settings_are_one_line_errors_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ManifestError) as err:
+        load_manifest(manifest_file(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_single_teacher_manifest_keeps_the_fingerprints_it_had_before_teachers(tmp_path, monkeypatch, smollm2_dir):
+    """Every stage's fingerprint for a plain `teacher:` manifest, pinned to the values the code before
+    `teachers:` (commit 00c5354) gave, so existing caches stay valid. Fakes, named: build_stage records
+    each stage's fingerprint instead of building (no model runs), and the engine identity leaves out
+    library versions and device, which differ between machines. The tokenizer's rendering still counts."""
+    import dadpo_offline.precompute.run as run
+    from dadpo_offline.cache.build import BuiltStage, StageReport
+
+    seen = {}
+
+    def record_only(cache, stage, fingerprint, *args, **kwargs):
+        seen[stage] = fingerprint
+        return BuiltStage(StageReport(stage, fingerprint), None)
+
+    monkeypatch.setattr(run, "build_stage", record_only)
+    monkeypatch.setattr(run, "engine_identity", lambda backend, dtype, config: {"backend": backend, "dtype": dtype})
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "What is the capital of France?"}\n'
+                                            '{"prompt": "Name three primary colours."}\n')
+    run.precompute(load_manifest(manifest_file(tmp_path, "cache_dir: cache\nprompts: {sources: [{jsonl: prompts.jsonl}]}\n"
+                                               "engine: {backend: transformers, shard_size: 1}\n")))
+    assert seen == {"prompts": "bf1b65e121499661", "generate-student": "d4236dff7e589ef9",
+                    "generate-teacher": "d4236dff7e589ef9", "score-teacher": "5d54e20eab6e3629",
+                    "score-reference": "5d54e20eab6e3629", "pairs": "19c8c82a0494c151"}
+
+
+@pytest.fixture(scope="module")
+def two_teacher_run(tmp_path_factory, tiny_student, tiny_other_model):
+    """A real two-teacher cache: the embedded SmolLM2 (the student's tokenizer) and the tiny model with its
+    own tokenizer, which writes the chosen answers; transformers engine in fp32; 3 prompts, 1 sample, 6 tokens."""
+    from dadpo_offline.precompute.run import precompute
+
+    base = tmp_path_factory.mktemp("two_teachers")
+    write_jsonl(base / "prompts.jsonl", PROMPTS[:3])
+    path = manifest_file(base, TWO.replace("TINY", str(tiny_other_model)) + f"""\
+student: {{model: {tiny_student}}}
+cache_dir: cache
+prompts: {{sources: [{{jsonl: prompts.jsonl}}], max_prompt_tokens: 256}}
+generate: {{teacher: {{max_tokens: 6, temperature: 1.0}}, student: {{max_tokens: 6, temperature: 1.0}}}}
+engine: {{backend: transformers, shard_size: 2}}
+pairs: {{require_finished: none, chosen_from: tiny}}
+train: {{report_to: [], warmup_ratio: 0, lr_scheduler: constant, learning_rate: 0.001, batch_size: 3,
+         micro_batch_size: 3, max_steps: 2, output_dir: train, compare: []}}
+""")
+    summary = precompute(load_manifest(path))
+    return path, summary
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_two_teachers_each_score_both_answers_in_their_own_stage(two_teacher_run):
+    path, summary = two_teacher_run
+    m = load_manifest(path)
+    built = {r.stage: r for r in summary.stages}
+    assert {"score-teacher-smol", "score-teacher-tiny", "score-reference"} <= set(built)
+    assert "score-teacher" not in built
+    rows = json.loads(invoke("sql", m.cache_dir, "SELECT scorer, role, count(*) AS n FROM scores "
+                             "GROUP BY ALL ORDER BY ALL", "-f", "json").output)
+    assert rows == [{"scorer": s, "role": r, "n": 3} for s in ("reference", "smol", "tiny") for r in ("student", "teacher")]
+    pairs = json.loads(invoke("sql", m.cache_dir, "SELECT teachers, teachers_chosen_logp, teacher_chosen_logp "
+                              "FROM pairs ORDER BY prompt_id", "-f", "json").output)
+    assert len(pairs) == 3 and all(p["teachers"] == ["smol", "tiny"] for p in pairs)
+    assert all(p["teachers_chosen_logp"][1] == p["teacher_chosen_logp"] for p in pairs)  # tiny wrote the chosen answers
+    assert all(p["teachers_chosen_logp"][0] != p["teachers_chosen_logp"][1] for p in pairs)
+    # each teacher read the same answers with its own tokenizer and chat template: other token ids
+    ids = json.loads(invoke("sql", m.cache_dir, "SELECT prompt_id, role, list(input_ids ORDER BY scorer) AS ids FROM scores "
+                            "WHERE scorer IN ('smol', 'tiny') GROUP BY ALL", "-f", "json").output)
+    assert len(ids) == 6 and all(row["ids"][0] != row["ids"][1] for row in ids)
+    status = {r["stage"]: r for r in json.loads(invoke("cache", "status", m.cache_dir, "-f", "json").output)}
+    assert status["score-teacher-tiny"]["done"] == status["score-teacher-smol"]["done"] == 2
+    assert "tiny" in status["score-teacher-tiny"]["note"]
+
+
+def test_a_rerun_skips_every_finished_teacher_stage(two_teacher_run):
+    from dadpo_offline.precompute.run import precompute
+
+    path, first = two_teacher_run
+    again = precompute(load_manifest(path))
+    assert [(r.stage, r.built, r.fingerprint) for r in again.stages] == \
+        [(r.stage, 0, r.fingerprint) for r in first.stages]
+
+
+def test_two_teacher_dadpo_trains_after_a_passing_step0_check(two_teacher_run):
+    """Step 1 runs with policy = reference (ref margin 0), so its loss follows from the cache alone:
+    mean over pairs of −log σ(Σ_i β2_i·[(ref_w − te_i,w) − (ref_l − te_i,l)])."""
+    from dadpo_offline.cache.index import open_cache
+    from dadpo_offline.train.dpo import train_dadpo
+
+    path, _ = two_teacher_run
+    m = load_manifest(path)
+    result = train_dadpo(m, quiet=True)
+    assert result["steps"] == 2 and result["step0"]["anchor_max"] == 0.0 and result["step0"]["token_mean"] < 1e-4
+    first = result["history"][0]
+    with open_cache(m.cache_dir).connect(read_only=True) as con:
+        expected = con.execute(
+            "SELECT avg(ln(1 + exp(-(0.02 * ((ref_chosen_logp - teachers_chosen_logp[1]) - (ref_rejected_logp - "
+            "teachers_rejected_logp[1])) + 0.05 * ((ref_chosen_logp - teachers_chosen_logp[2]) - (ref_rejected_logp - "
+            "teachers_rejected_logp[2])))))) FROM pairs").fetchone()[0]
+    assert first["loss"] == pytest.approx(expected, rel=1e-5)
+    assert first["teacher_term"] == pytest.approx(0.02 * first["teacher_margin/smol"] + 0.05 * first["teacher_margin/tiny"],
+                                                  rel=1e-6)
+    card = (load_manifest(path).train.output_dir + "/dadpo/README.md")
+    assert "beta2={smol: 0.02, tiny: 0.05}" in open(card, encoding="utf-8").read()
+    record = json.loads(open(load_manifest(path).train.output_dir + "/dadpo/run.json", encoding="utf-8").read())
+    assert record["teachers"] == {"smol": 0.02, "tiny": 0.05}
+    assert yaml.safe_load(open(load_manifest(path).train.output_dir + "/dadpo/manifest.yaml"))["teachers"][1]["name"] == "tiny"
