@@ -163,3 +163,11 @@ def test_two_teacher_dadpo_trains_after_a_passing_step0_check(two_teacher_run):
     record = json.loads(open(load_manifest(path).train.output_dir + "/dadpo/run.json", encoding="utf-8").read())
     assert record["teachers"] == {"smol": 0.02, "tiny": 0.05}
     assert yaml.safe_load(open(load_manifest(path).train.output_dir + "/dadpo/manifest.yaml"))["teachers"][1]["name"] == "tiny"
+
+
+def test_a_resolved_two_teacher_manifest_loads_back_the_same(tmp_path):
+    from dadpo_offline.manifest import write_resolved
+
+    m = load_manifest(manifest_file(tmp_path, TWO.replace("TINY", "org/tiny") + "pairs: {chosen_from: tiny}\n"))
+    write_resolved(m, tmp_path / "resolved.yaml")
+    assert load_manifest(tmp_path / "resolved.yaml") == m

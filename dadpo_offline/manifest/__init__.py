@@ -310,9 +310,9 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
     for item in overrides:
         _apply_override(raw, item, problems)
     manifest = _build(Manifest, raw, "", problems)
-    if "teachers" in raw and "teacher" in raw:
+    if raw.get("teachers") and "teacher" in raw:
         problems.append("teacher and teachers: give one — teachers lists several, each with name and beta2")
-    if "teachers" in raw and "beta2" in (raw.get("train") or {}):
+    if raw.get("teachers") and "beta2" in (raw.get("train") or {}):
         problems.append("train.beta2: with teachers, each teacher's own beta2 weighs its anchor — remove train.beta2")
     if not problems:  # combinations only make sense once every field has its type
         problems += combination_problems(manifest)
@@ -424,7 +424,12 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
 
 
 def manifest_dict(manifest: Manifest) -> dict:
-    return dataclasses.asdict(manifest)
+    """Every setting; with `teachers:`, without `teacher` and `train.beta2`, which it replaces (and which
+    would make the saved manifest load with an error)."""
+    settings = dataclasses.asdict(manifest)
+    if manifest.teachers:
+        del settings["teacher"], settings["train"]["beta2"]
+    return settings
 
 
 def write_resolved(manifest: Manifest, path: Path) -> None:
