@@ -8,7 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import PROMPTS, write_jsonl
+from conftest import PROMPTS, SMOLLM2, write_jsonl
 from dadpo_offline.cli import main
 from dadpo_offline.errors import ManifestError
 from dadpo_offline.manifest import load_manifest
@@ -44,7 +44,8 @@ def test_teachers_load_with_names_weights_and_the_chosen_teacher(tmp_path):
     (TWO.replace("name: tiny", "name: Tiny Model"), "teachers[1].name: 'Tiny Model' must be lowercase"),
     (TWO.replace("name: tiny", "name: reference"), "teachers[1].name: 'reference'"),
     (TWO.replace("beta2: 0.05", "beta2: -1"), "teachers[1].beta2 must be >= 0, got -1.0"),
-    (TWO + "pairs: {chosen_from: big}\n", "pairs.chosen_from: 'big' is not each or a teacher's name (smol, tiny)"),
+    (TWO + "pairs: {chosen_from: big}\n", "pairs.chosen_from: 'big' is not a teacher's name (smol, tiny)"),
+    (TWO + "pairs: {chosen_from: each}\n", "pairs.chosen_from: each (the teachers in turn) is not supported yet"),
     ("pairs: {chosen_from: each}\n", "pairs.chosen_from=each: applies with teachers: only"),
     (TWO + "sweep: {beta2: [0.1]}\n", "sweep.beta2: with teachers"),
     (TWO.replace("0.02", "0").replace("0.05", "0") + "train: {loss: rdpo, compare: []}\n",
@@ -171,3 +172,14 @@ def test_a_resolved_two_teacher_manifest_loads_back_the_same(tmp_path):
     m = load_manifest(manifest_file(tmp_path, TWO.replace("TINY", "org/tiny") + "pairs: {chosen_from: tiny}\n"))
     write_resolved(m, tmp_path / "resolved.yaml")
     assert load_manifest(tmp_path / "resolved.yaml") == m
+
+
+def test_run_dry_run_plans_one_score_stage_per_teacher_with_its_weight(tmp_path):
+    from dadpo_offline.plan import plan
+
+    m = load_manifest(manifest_file(tmp_path, TWO.replace("TINY", SMOLLM2) + "pairs: {chosen_from: tiny}\n"
+                                    "prompts: {sources: [{builtin: train}], limit: 4}\neval: {suites: [likelihood]}\n"))
+    stages = {s["stage"]: s for s in plan(m)["stages"]}
+    assert stages["score-teacher-smol"]["model"] == "teacher smol" and "β2=0.02" in stages["score-teacher-smol"]["what"]
+    assert "β2=0.05" in stages["score-teacher-tiny"]["what"] and "score-teacher" not in stages
+    assert "β1=0.1, β2=(0.02, 0.05)" in stages["train-dadpo"]["what"]

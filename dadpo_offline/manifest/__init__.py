@@ -95,8 +95,7 @@ class PairsConfig:
     # sample k with sample k; all, every teacher sample with every student sample; best_vs_worst, the
     # teacher sample the teacher finds likeliest per token against the student sample it finds least likely.
     policy: Literal["index", "all", "best_vs_worst"] = "index"
-    # With `teachers:`, the teacher whose answers are the chosen ones: a teacher's name, or each (the
-    # teachers in turn, prompt by prompt, in prompt order). None: the first teacher listed.
+    # With `teachers:`, the teacher (its name) whose answers are the chosen ones. None: the first teacher listed.
     chosen_from: Optional[str] = None
 
     def per_prompt(self, teacher_samples: int, student_samples: int) -> int:
@@ -281,10 +280,17 @@ class Manifest:
     @property
     def chosen_teacher(self) -> ModelConfig:
         """The teacher that writes the chosen answers (and that eval compares against): `teacher:`, or with
-        `teachers:` the one `pairs.chosen_from` names (the first listed by default, and with each)."""
+        `teachers:` the one `pairs.chosen_from` names (the first listed by default)."""
         if not self.teachers:
             return self.teacher
         return next((t for t in self.teachers if t.name == self.pairs.chosen_from), self.teachers[0])
+
+    def teacher_scorers(self) -> dict[str, tuple[str, ModelConfig]]:
+        """{cache stage: (scores.scorer, model)} of every teacher anchor: `teacher:` is stage score-teacher,
+        scorer teacher; each of `teachers:` is stage score-teacher-NAME, scorer NAME."""
+        if not self.teachers:
+            return {"score-teacher": ("teacher", self.teacher)}
+        return {f"score-teacher-{t.name}": (t.name, t) for t in self.teachers}
 
     def teacher_betas(self, train: TrainConfig | None = None) -> float | tuple[float, ...]:
         """The teacher anchor weight(s) training uses: train.beta2, or with `teachers:` one beta2 per teacher."""

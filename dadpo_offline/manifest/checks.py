@@ -78,8 +78,11 @@ def _teachers_problems(m: Manifest) -> list[str]:
     chosen = m.pairs.chosen_from
     if chosen is not None and not m.teachers:
         problems.append(f"pairs.chosen_from={chosen}: applies with teachers: only")
-    elif chosen is not None and chosen != "each" and chosen not in names:
-        problems.append(f"pairs.chosen_from: {chosen!r} is not each or a teacher's name ({', '.join(names)})")
+    elif chosen == "each":
+        problems.append(f"pairs.chosen_from: each (the teachers in turn) is not supported yet — name one teacher "
+                        f"({', '.join(names)})")
+    elif chosen is not None and chosen not in names:
+        problems.append(f"pairs.chosen_from: {chosen!r} is not a teacher's name ({', '.join(names)})")
     if m.teachers and (m.sweep.beta2 or any("beta2" in axes for axes in m.sweep.axes.values())):
         problems.append("sweep.beta2: with teachers, each teacher's own beta2 weighs its anchor — remove the "
                         "beta2 axis and give each set of weights its own manifest")

@@ -167,13 +167,9 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
 
 
 def teacher_scorers(manifest: Manifest, chosen: Role) -> dict[str, tuple[str, Role]]:
-    """{score stage: (scores.scorer, role)}: `teacher:` is stage score-teacher, scorer teacher; each of
-    `teachers:` is stage score-teacher-NAME, scorer NAME, the chosen-answer teacher's role reused."""
-    if not manifest.teachers:
-        return {"score-teacher": ("teacher", chosen)}
-    chosen_name = manifest.chosen_teacher.name
-    return {f"score-teacher-{t.name}": (t.name, chosen if t.name == chosen_name else model_role(t.name, t))
-            for t in manifest.teachers}
+    """{score stage: (scores.scorer, role)} (`Manifest.teacher_scorers`), the chosen-answer teacher's role reused."""
+    return {stage: (scorer, chosen if config is manifest.chosen_teacher else model_role(scorer, config))
+            for stage, (scorer, config) in manifest.teacher_scorers().items()}
 
 
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:
