@@ -3,6 +3,7 @@ two-teacher run — precompute, SQL, cache status, step-0 check and daDPO steps 
 
 The loss itself is checked against its closed forms in tests/test_losses.py."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -162,7 +163,7 @@ def test_two_teacher_dadpo_trains_after_a_passing_step0_check(two_teacher_run):
     card = (load_manifest(path).train.output_dir + "/dadpo/README.md")
     assert "beta2={smol: 0.02, tiny: 0.05}" in open(card, encoding="utf-8").read()
     record = json.loads(open(load_manifest(path).train.output_dir + "/dadpo/run.json", encoding="utf-8").read())
-    assert record["teachers"] == {"smol": 0.02, "tiny": 0.05}
+    assert record["teachers"] == {"smol": 0.02, "tiny": 0.05} and "beta2" not in record
     assert yaml.safe_load(open(load_manifest(path).train.output_dir + "/dadpo/manifest.yaml"))["teachers"][1]["name"] == "tiny"
 
 
@@ -183,3 +184,17 @@ def test_run_dry_run_plans_one_score_stage_per_teacher_with_its_weight(tmp_path)
     assert stages["score-teacher-smol"]["model"] == "teacher smol" and "β2=0.02" in stages["score-teacher-smol"]["what"]
     assert "β2=0.05" in stages["score-teacher-tiny"]["what"] and "score-teacher" not in stages
     assert "β1=0.1, β2=(0.02, 0.05)" in stages["train-dadpo"]["what"]
+
+
+def test_the_report_names_each_teacher_with_its_beta2_and_margin(two_teacher_run):
+    """Runs after the training test (same module, file order): the report reads its run.json and the cache."""
+    from dadpo_offline.core.layout import RunLayout
+    from dadpo_offline.report import write_report
+
+    path, _ = two_teacher_run
+    m = load_manifest(path)
+    if not (RunLayout.of(m).stage("dadpo") / "run.json").is_file():
+        pytest.fail("run test_two_teacher_dadpo_trains_after_a_passing_step0_check first (it trains the run reported)")
+    report = (Path(write_report(RunLayout.of(m))["files"][0])).read_text(encoding="utf-8")
+    assert '| dadpo | 0.1 | {"smol": 0.02, "tiny": 0.05} |' in report
+    assert "δ_te by teacher (teachers:; δ_te above: pairs.chosen_from's): smol mean" in report and "tiny mean" in report

@@ -159,7 +159,8 @@ def dadpo_identity(manifest: Manifest) -> tuple[TrainConfig, str, str | None, Re
     data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
     start = resolve_model(init, revision)  # a LoRA dSFT folder: its merged model, base + dSFT adapter
     identity = run_identity(t.loss, data, start, t)
-    if manifest.teachers:  # their weights live outside train:, so the identity records them
+    if manifest.teachers:  # their weights replace train.beta2, which is not used
+        del identity["beta2"]
         identity["teachers"] = {teacher.name: teacher.beta2 for teacher in manifest.teachers}
     return t, init, revision, start, identity
 
