@@ -45,8 +45,7 @@ def test_teachers_load_with_names_weights_and_the_chosen_teacher(tmp_path):
     (TWO.replace("name: tiny", "name: Tiny Model"), "teachers[1].name: 'Tiny Model' must be lowercase"),
     (TWO.replace("name: tiny", "name: reference"), "teachers[1].name: 'reference'"),
     (TWO.replace("beta2: 0.05", "beta2: -1"), "teachers[1].beta2 must be >= 0, got -1.0"),
-    (TWO + "pairs: {chosen_from: big}\n", "pairs.chosen_from: 'big' is not a teacher's name (smol, tiny)"),
-    (TWO + "pairs: {chosen_from: each}\n", "pairs.chosen_from: each (the teachers in turn) is not supported yet"),
+    (TWO + "pairs: {chosen_from: big}\n", "pairs.chosen_from: 'big' is not each or a teacher's name (smol, tiny)"),
     ("pairs: {chosen_from: each}\n", "pairs.chosen_from=each: applies with teachers: only"),
     (TWO + "sweep: {beta2: [0.1]}\n", "sweep.beta2: with teachers"),
     (TWO.replace("0.02", "0").replace("0.05", "0") + "train: {loss: rdpo, compare: []}\n",
@@ -83,13 +82,11 @@ def test_a_single_teacher_manifest_keeps_the_fingerprints_it_had_before_teachers
                     "score-reference": "5d54e20eab6e3629", "pairs": "19c8c82a0494c151"}
 
 
-@pytest.fixture(scope="module")
-def two_teacher_run(tmp_path_factory, tiny_student, tiny_other_model):
+def two_teacher_cache(base, tiny_student, tiny_other_model, chosen_from: str):
     """A real two-teacher cache: the embedded SmolLM2 (the student's tokenizer) and the tiny model with its
-    own tokenizer, which writes the chosen answers; transformers engine in fp32; 3 prompts, 1 sample, 6 tokens."""
+    own tokenizer; transformers engine in fp32; 3 prompts, 1 sample, 6 tokens. Returns (manifest, summary)."""
     from dadpo_offline.precompute.run import precompute
 
-    base = tmp_path_factory.mktemp("two_teachers")
     write_jsonl(base / "prompts.jsonl", PROMPTS[:3])
     path = manifest_file(base, TWO.replace("TINY", str(tiny_other_model)) + f"""\
 student: {{model: {tiny_student}}}
@@ -97,12 +94,17 @@ cache_dir: cache
 prompts: {{sources: [{{jsonl: prompts.jsonl}}], max_prompt_tokens: 256}}
 generate: {{teacher: {{max_tokens: 6, temperature: 1.0}}, student: {{max_tokens: 6, temperature: 1.0}}}}
 engine: {{backend: transformers, shard_size: 2}}
-pairs: {{require_finished: none, chosen_from: tiny}}
+pairs: {{require_finished: none, chosen_from: {chosen_from}}}
 train: {{report_to: [], warmup_ratio: 0, lr_scheduler: constant, learning_rate: 0.001, batch_size: 3,
          micro_batch_size: 3, max_steps: 2, output_dir: train, compare: []}}
 """)
-    summary = precompute(load_manifest(path))
-    return path, summary
+    return path, precompute(load_manifest(path))
+
+
+@pytest.fixture(scope="module")
+def two_teacher_run(tmp_path_factory, tiny_student, tiny_other_model):
+    """The tiny model, with its own tokenizer, writes the chosen answers."""
+    return two_teacher_cache(tmp_path_factory.mktemp("two_teachers"), tiny_student, tiny_other_model, "tiny")
 
 
 def invoke(*args):
@@ -198,3 +200,26 @@ def test_the_report_names_each_teacher_with_its_beta2_and_margin(two_teacher_run
     report = (Path(write_report(RunLayout.of(m))["files"][0])).read_text(encoding="utf-8")
     assert '| dadpo | 0.1 | {"smol": 0.02, "tiny": 0.05} |' in report
     assert "δ_te by teacher (teachers:; δ_te above: pairs.chosen_from's): smol mean" in report and "tiny mean" in report
+
+
+def test_chosen_from_each_takes_the_teachers_in_turn_and_each_scores_its_own_answers_exactly(
+        tmp_path, tiny_student, tiny_other_model):
+    """Prompts 0 and 2 (prompts-stage order) get SmolLM2's answers, prompt 1 the tiny model's. A teacher scoring
+    its own answer reuses the sampled ids; the other one re-reads the text with its own tokenizer."""
+    from dadpo_offline.core.chat import load_chat_format
+    from dadpo_offline.core.models import resolve_model
+    from dadpo_offline.train.data import load_sft_examples
+
+    path, _ = two_teacher_cache(tmp_path, tiny_student, tiny_other_model, "each")
+    m = load_manifest(path)
+    order = json.loads(invoke("sql", m.cache_dir, "SELECT settings FROM stages WHERE stage = 'prompts' AND active",
+                              "-f", "json").output)[0]["settings"]
+    writers = dict(zip([p[0] for p in json.loads(order)["prompts"]], ["smol", "tiny", "smol"]))
+    rows = json.loads(invoke("sql", m.cache_dir, """
+        SELECT g.prompt_id, s.scorer, s.input_ids = list_concat(g.prompt_token_ids, g.response_token_ids) AS own_ids
+        FROM generations g JOIN scores s USING (prompt_id, sample, role)
+        WHERE g.role = 'teacher' AND s.scorer IN ('smol', 'tiny')""", "-f", "json").output)
+    assert len(rows) == 6
+    assert all(r["own_ids"] == (r["scorer"] == writers[r["prompt_id"]]) for r in rows)
+    assert json.loads(invoke("sql", m.cache_dir, "SELECT count(*) AS n FROM pairs", "-f", "json").output) == [{"n": 3}]
+    assert len(load_sft_examples(m.cache_dir, load_chat_format(resolve_model(str(tiny_student))))) == 3

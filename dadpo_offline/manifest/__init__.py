@@ -95,7 +95,8 @@ class PairsConfig:
     # sample k with sample k; all, every teacher sample with every student sample; best_vs_worst, the
     # teacher sample the teacher finds likeliest per token against the student sample it finds least likely.
     policy: Literal["index", "all", "best_vs_worst"] = "index"
-    # With `teachers:`, the teacher (its name) whose answers are the chosen ones. None: the first teacher listed.
+    # With `teachers:`, whose answers are the chosen ones: a teacher's name, or each (the teachers in turn,
+    # prompt by prompt in prompt order). None: the first teacher listed.
     chosen_from: Optional[str] = None
 
     def per_prompt(self, teacher_samples: int, student_samples: int) -> int:
@@ -280,7 +281,7 @@ class Manifest:
     @property
     def chosen_teacher(self) -> ModelConfig:
         """The teacher that writes the chosen answers (and that eval compares against): `teacher:`, or with
-        `teachers:` the one `pairs.chosen_from` names (the first listed by default)."""
+        `teachers:` the one `pairs.chosen_from` names (the first listed by default and with each)."""
         if not self.teachers:
             return self.teacher
         return next((t for t in self.teachers if t.name == self.pairs.chosen_from), self.teachers[0])

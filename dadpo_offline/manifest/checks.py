@@ -70,19 +70,16 @@ def _teachers_problems(m: Manifest) -> list[str]:
     """`teachers:` entries: unique names that can name a cache stage, weights >= 0; `pairs.chosen_from` one of them."""
     names = [t.name for t in m.teachers]
     problems = [f"teachers[{i}].name: {name!r} must be lowercase letters, digits, - or _ (it names a cache stage), "
-                "and not reference, student or teacher"
+                "and not reference, student, teacher or each"
                 for i, name in enumerate(names) if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name)
-                or name in ("reference", "student", "teacher")]
+                or name in ("reference", "student", "teacher", "each")]
     problems += [f"teachers: the name {name!r} is given twice" for name in sorted(set(names)) if names.count(name) > 1]
     problems += [f"teachers[{i}].beta2 must be >= 0, got {t.beta2}" for i, t in enumerate(m.teachers) if t.beta2 < 0]
     chosen = m.pairs.chosen_from
     if chosen is not None and not m.teachers:
         problems.append(f"pairs.chosen_from={chosen}: applies with teachers: only")
-    elif chosen == "each":
-        problems.append(f"pairs.chosen_from: each (the teachers in turn) is not supported yet — name one teacher "
-                        f"({', '.join(names)})")
-    elif chosen is not None and chosen not in names:
-        problems.append(f"pairs.chosen_from: {chosen!r} is not a teacher's name ({', '.join(names)})")
+    elif chosen is not None and chosen != "each" and chosen not in names:
+        problems.append(f"pairs.chosen_from: {chosen!r} is not each or a teacher's name ({', '.join(names)})")
     if m.teachers and (m.sweep.beta2 or any("beta2" in axes for axes in m.sweep.axes.values())):
         problems.append("sweep.beta2: with teachers, each teacher's own beta2 weighs its anchor — remove the "
                         "beta2 axis and give each set of weights its own manifest")

@@ -27,7 +27,7 @@ from ..manifest import Manifest, manifest_dict, write_resolved
 from ..core.engines import engine_identity, pick_backend
 from ..core.prompts import collect_prompts
 from ..core.roles import Engines, Role, model_role
-from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard
+from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard, take_turns
 
 STAGE_CHOICES = ("all", "prompts", "generate", "score")
 
@@ -59,6 +59,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     roles = {"student": model_role("student", manifest.student), "teacher": model_role("teacher", manifest.chosen_teacher),
              "reference": model_role("reference", manifest.reference_model)}
     scorers = teacher_scorers(manifest, roles["teacher"])  # {stage: (scorer, role)}: one per teacher
+    each = manifest.pairs.chosen_from == "each"
+    writers = [role for _, role in scorers.values()] if each else [roles["teacher"]]  # who writes chosen answers
     if roles["reference"].fmt.identity != roles["student"].fmt.identity:
         raise InputError(f"the reference ({roles['reference'].model.reference}) reads text differently from the student "
                          f"({roles['student'].model.reference}): another tokenizer, chat template or end-of-turn token. "
@@ -99,6 +101,9 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         del sampling["samples"]  # the resolved count below: older caches, which had one count, keep their fingerprints
         settings[f"generate-{role}"] = {"prompts": fps["prompts"], **_model_settings(r, backend, manifest),
                                         "sampling": sampling, "samples_per_prompt": manifest.generate.samples(role)}
+        if role == "teacher" and each:  # every teacher writes, in turn; their formats tell dSFT how to read them
+            settings[f"generate-{role}"] |= {"chosen_from": "each", "chat_formats": [w.fmt.identity for w in writers],
+                                             "writers": [_model_settings(w, backend, manifest) for w in writers]}
         fps[f"generate-{role}"] = fingerprint(settings[f"generate-{role}"])
     score_roles = {**{stage: role for stage, (_, role) in scorers.items()}, "score-reference": roles["reference"]}
     for name, role in score_roles.items():
@@ -125,7 +130,10 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     all_prompts = prompts_table(fitted, [x[:2] for x in rendered], shard_size)
     chosen_scorer = manifest.chosen_teacher.name if manifest.teachers else "teacher"  # fills the pairs' teacher_* columns
     shard_prompts = lambda k: all_prompts.filter(pc.equal(all_prompts["shard"], k))
-    ids = {id(roles["teacher"]): "teacher_prompt_ids", id(roles["reference"]): "student_prompt_ids"}
+    ids = {id(roles["teacher"]): "teacher_prompt_ids", id(roles["reference"]): "student_prompt_ids",
+           id(roles["student"]): "student_prompt_ids"}
+    writer_of = take_turns([p.prompt_id for p in fitted], writers)  # one writer unless pairs.chosen_from is each
+    writer = lambda row: writer_of[row["prompt_id"]].fmt if row["role"] == "teacher" else roles["student"].fmt
     other_ids = {id(role): {p.prompt_id: x[2 + i] for p, x in zip(fitted, rendered)} for i, (_, role) in enumerate(others)}
 
     def prompt_ids(role: Role, k: int) -> dict:
@@ -144,13 +152,17 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
                                _shard_inputs(cache, fps, [*scorers, "score-reference"], k, "score"),
                                manifest.pairs, [scorer for scorer, _ in scorers.values()], chosen_scorer)
         if name.startswith("generate-"):
-            role = roles[name.split("-", 1)[1]]
-            return generate_shard(shard_prompts(k), role.name, role.fmt, engines.get(role),
-                                  getattr(manifest.generate, role.name), manifest.generate.samples(role.name))
+            role = name.split("-", 1)[1]
+            sampling, samples = getattr(manifest.generate, role), manifest.generate.samples(role)
+            if role == "student":
+                return generate_shard(prompt_ids(roles["student"], k), role, roles["student"].fmt,
+                                      engines.get(roles["student"]), sampling, samples)
+            mine = [(w, {p: x for p, x in prompt_ids(w, k).items() if writer_of[p] is w}) for w in writers]
+            return pa.concat_tables([generate_shard(ids, role, w.fmt, engines.get(w), sampling, samples)
+                                     for w, ids in mine if ids])
         generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
         scorer, role = scorers.get(name, ("reference", roles["reference"]))
-        return score_shard(prompt_ids(role, k), generations, {"teacher": roles["teacher"].fmt,
-                           "student": roles["student"].fmt}, scorer, role.fmt, engines.get(role))
+        return score_shard(prompt_ids(role, k), generations, writer, scorer, role.fmt, engines.get(role))
 
     try:
         for name in wanted:

@@ -6,6 +6,7 @@ crash, or by another `--shard i/N` job, holds exactly the same rows.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -52,11 +53,11 @@ def prompts_table(prompts: list[Prompt], rendered: list[list[list[int]]], shard_
     } for i, (p, (student, teacher)) in enumerate(zip(prompts, rendered))], schema=PROMPTS)
 
 
-def generate_shard(prompts: pa.Table, role: str, fmt: ChatFormat, engine, sampling: SamplingConfig,
+def generate_shard(prompt_ids: dict[str, list[int]], role: str, fmt: ChatFormat, engine, sampling: SamplingConfig,
                    samples: int) -> pa.Table:
-    """`samples` answers by `role` to each prompt of a prompts shard, from its stored ids."""
+    """`samples` answers by `role` to each prompt of `prompt_ids` (prompt id → its ids under `fmt`)."""
     keys, requests = [], []
-    for prompt_id, ids in zip(prompts["prompt_id"].to_pylist(), prompts[f"{role}_prompt_ids"].to_pylist()):
+    for prompt_id, ids in prompt_ids.items():
         for sample in range(samples):
             seed = request_seed(sampling.seed, prompt_id, sample, role)
             keys.append((prompt_id, sample, seed))
@@ -70,17 +71,18 @@ def generate_shard(prompts: pa.Table, role: str, fmt: ChatFormat, engine, sampli
     } for (pid, sample, seed), req, out in zip(keys, requests, completions)], schema=GENERATIONS)
 
 
-def score_shard(stored: dict[str, list[int]], generations: pa.Table, generator_formats: dict[str, ChatFormat],
+def score_shard(stored: dict[str, list[int]], generations: pa.Table, writer: Callable[[dict], ChatFormat],
                 scorer: str, fmt: ChatFormat, engine) -> pa.Table:
     """Log-probs of every response under `scorer`, in the scorer's own token ids.
 
     Same tokenizer as the generator: reuse the sampled ids exactly. Another tokenizer: the prompt
     as rendered for the scorer's template (`stored`: prompt id → ids) and the response text
-    through the scorer's tokenizer (sentence-level, so no shared vocabulary).
+    through the scorer's tokenizer (sentence-level, so no shared vocabulary). `writer`: the format
+    of the model that wrote a generation row.
     """
     rows, sequences, prompt_lens = [], [], []
     for row in generations.to_pylist():
-        prompt_ids, response_ids = fmt.sequence(row, stored[row["prompt_id"]], generator_formats[row["role"]].identity)
+        prompt_ids, response_ids = fmt.sequence(row, stored[row["prompt_id"]], writer(row).identity)
         rows.append(row)
         sequences.append(prompt_ids + response_ids)
         prompt_lens.append(len(prompt_ids))
@@ -90,6 +92,11 @@ def score_shard(stored: dict[str, list[int]], generations: pa.Table, generator_f
         "input_ids": seq, "prompt_len": start, "token_logprobs": lps, "logprob": float(sum(lps)),
         "n_tokens": len(seq) - start,
     } for row, seq, start, lps in zip(rows, sequences, prompt_lens, token_logprobs)], schema=SCORES)
+
+
+def take_turns(prompt_ids: list[str], writers: list) -> dict:
+    """pairs.chosen_from each: {prompt id: writer}, the writers in turn over the prompts in prompts-stage order."""
+    return {p: writers[i % len(writers)] for i, p in enumerate(prompt_ids)}
 
 
 def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, config: PairsConfig,

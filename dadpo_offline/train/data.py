@@ -18,6 +18,7 @@ import torch
 
 from ..cache.index import dropped_summary, open_cache
 from ..errors import CacheError
+from ..precompute.stages import take_turns
 
 ANCHORS = ["ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp", "teacher_rejected_logp"]
 PAIR_COLUMNS = ["prompt_id", "chosen_sample", "rejected_sample", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
@@ -129,12 +130,16 @@ def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list
     if json.loads(prompts[0])["formats"][0] != student_fmt.identity:
         raise CacheError(f"the prompts in {cache.root} were rendered for another student tokenizer or chat template "
                          "than this manifest's — run: dadpo-offline precompute MANIFEST --stage generate")
-    teacher_format = json.loads(teacher[0]).get("chat_format")
+    made = json.loads(teacher[0])
+    formats = {}  # pairs.chosen_from each: the teachers wrote in turn, each in its own format
+    if made.get("chosen_from") == "each":
+        formats = take_turns([p[0] for p in json.loads(prompts[0])["prompts"]], made["chat_formats"])
     examples = []
     for prompt_id, sample, prompt_token_ids, response_token_ids, text, truncated, student_prompt_ids in rows:
         generation = {"prompt_token_ids": prompt_token_ids, "response_token_ids": response_token_ids, "text": text,
                       "truncated": truncated}
-        prompt_ids, response_ids = student_fmt.sequence(generation, student_prompt_ids, teacher_format)
+        prompt_ids, response_ids = student_fmt.sequence(generation, student_prompt_ids,
+                                                      formats.get(prompt_id, made.get("chat_format")))
         if not response_ids:
             continue
         examples.append({"prompt_id": prompt_id, "sample": sample, "input_ids": list(prompt_ids) + list(response_ids),
