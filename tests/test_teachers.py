@@ -223,3 +223,10 @@ def test_chosen_from_each_takes_the_teachers_in_turn_and_each_scores_its_own_ans
     assert all(r["own_ids"] == (r["scorer"] == writers[r["prompt_id"]]) for r in rows)
     assert json.loads(invoke("sql", m.cache_dir, "SELECT count(*) AS n FROM pairs", "-f", "json").output) == [{"n": 3}]
     assert len(load_sft_examples(m.cache_dir, load_chat_format(resolve_model(str(tiny_student))))) == 3
+
+
+def test_a_sweep_refuses_several_teachers_in_one_line(tmp_path):
+    from dadpo_offline.sweep.run import grid
+
+    with pytest.raises(ManifestError, match="^sweep: a manifest with teachers: .* cannot be swept yet — train each"):
+        grid(load_manifest(manifest_file(tmp_path, TWO.replace("TINY", "org/tiny"))))

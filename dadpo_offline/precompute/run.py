@@ -124,14 +124,15 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     cache = open_cache(manifest.cache_dir, create=True)
     engines = Engines(manifest, backend)
     generate = ["prompts", "generate-student", "generate-teacher"]
-    score = ["prompts", *scorers, "score-reference", "pairs"]
+    # the teacher that generated last scores first: its engine is still loaded
+    score = ["prompts", *sorted(scorers, key=lambda stage: scorers[stage][1] is not writers[-1]), "score-reference", "pairs"]
     wanted = {"all": generate + score[1:], "prompts": ["prompts"], "generate": generate, "score": score}[stage]
     _say_if_rendered_differently(cache, settings["prompts"])
     all_prompts = prompts_table(fitted, [x[:2] for x in rendered], shard_size)
     chosen_scorer = manifest.chosen_teacher.name if manifest.teachers else "teacher"  # fills the pairs' teacher_* columns
     shard_prompts = lambda k: all_prompts.filter(pc.equal(all_prompts["shard"], k))
-    ids = {id(roles["teacher"]): "teacher_prompt_ids", id(roles["reference"]): "student_prompt_ids",
-           id(roles["student"]): "student_prompt_ids"}
+    stored_as = {id(roles["teacher"]): "teacher_prompt_ids", id(roles["reference"]): "student_prompt_ids",
+                 id(roles["student"]): "student_prompt_ids"}
     writer_of = take_turns([p.prompt_id for p in fitted], writers)  # one writer unless pairs.chosen_from is each
     writer = lambda row: writer_of[row["prompt_id"]].fmt if row["role"] == "teacher" else roles["student"].fmt
     other_ids = {id(role): {p.prompt_id: x[2 + i] for p, x in zip(fitted, rendered)} for i, (_, role) in enumerate(others)}
@@ -141,7 +142,7 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         shard = shard_prompts(k)
         if id(role) in other_ids:
             return {p: other_ids[id(role)][p] for p in shard["prompt_id"].to_pylist()}
-        return dict(zip(shard["prompt_id"].to_pylist(), shard[ids[id(role)]].to_pylist()))
+        return dict(zip(shard["prompt_id"].to_pylist(), shard[stored_as[id(role)]].to_pylist()))
 
     def build(name: str, k: int) -> pa.Table:
         if name == "prompts":
@@ -157,9 +158,9 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
             if role == "student":
                 return generate_shard(prompt_ids(roles["student"], k), role, roles["student"].fmt,
                                       engines.get(roles["student"]), sampling, samples)
-            mine = [(w, {p: x for p, x in prompt_ids(w, k).items() if writer_of[p] is w}) for w in writers]
-            return pa.concat_tables([generate_shard(ids, role, w.fmt, engines.get(w), sampling, samples)
-                                     for w, ids in mine if ids])
+            turns = [(w, {p: x for p, x in prompt_ids(w, k).items() if writer_of[p] is w}) for w in writers]
+            return pa.concat_tables([generate_shard(own, role, w.fmt, engines.get(w), sampling, samples)
+                                     for w, own in turns if own])
         generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
         scorer, role = scorers.get(name, ("reference", roles["reference"]))
         return score_shard(prompt_ids(role, k), generations, writer, scorer, role.fmt, engines.get(role))
