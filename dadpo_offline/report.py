@@ -134,10 +134,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
                        ref_chosen_logp - ref_rejected_logp AS ref
                 FROM pairs""").fetchnumpy()
             splits = con.execute("SELECT split, count(*) FROM pairs GROUP BY ALL ORDER BY split").fetchall()
-            teachers = con.execute("""
-                SELECT name, avg(c - r) FROM (SELECT unnest(teachers) AS name, unnest(teachers_chosen_logp) AS c,
-                    unnest(teachers_rejected_logp) AS r FROM pairs WHERE teachers <> ['teacher'])
-                GROUP BY name ORDER BY name""").fetchall()  # several teachers: δ_te of each
+            teachers = teacher_margins(con)
             dropped = dropped_summary(con)
             per_prompt = pairs_per_prompt(con)
     except (DadpoError, duckdb.Error) as exc:
@@ -149,6 +146,17 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
         missing.append("cache: the pairs view is empty — run: dadpo-offline precompute MANIFEST --stage score")
         return None
     return values | {"splits": splits, "dropped": dropped, "per_prompt": per_prompt, "teachers": teachers}
+
+
+def teacher_margins(con) -> list[tuple[str, float]]:
+    """Several teachers: (name, mean δ_te) of each; [] with one teacher or pairs from before the teachers_* columns."""
+    try:
+        return con.execute("""
+            SELECT name, avg(c - r) FROM (SELECT unnest(teachers) AS name, unnest(teachers_chosen_logp) AS c,
+                unnest(teachers_rejected_logp) AS r FROM pairs WHERE teachers <> ['teacher'])
+            GROUP BY name ORDER BY name""").fetchall()
+    except duckdb.BinderException:
+        return []
 
 
 def finite(column) -> np.ndarray:

@@ -230,3 +230,21 @@ def test_a_sweep_refuses_several_teachers_in_one_line(tmp_path):
 
     with pytest.raises(ManifestError, match="^sweep: a manifest with teachers: .* cannot be swept yet — train each"):
         grid(load_manifest(manifest_file(tmp_path, TWO.replace("TINY", "org/tiny"))))
+
+
+def test_the_report_reads_pairs_built_before_the_teachers_columns(tmp_path):
+    """Old caches keep their pairs shards (same fingerprints); without the columns the report has no per-teacher line."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dadpo_offline.report import teacher_margins
+
+    pq.write_table(pa.table({"teacher_chosen_logp": [-3.0], "teacher_rejected_logp": [-9.0]}), tmp_path / "old.parquet")
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW pairs AS SELECT * FROM read_parquet(['{tmp_path / 'old.parquet'}'], union_by_name = true)")
+    assert teacher_margins(con) == []
+    pq.write_table(pa.table({"teachers": [["a", "b"]], "teachers_chosen_logp": [[-3.0, -4.0]],
+                             "teachers_rejected_logp": [[-9.0, -5.0]]}), tmp_path / "new.parquet")
+    con.execute(f"CREATE OR REPLACE VIEW pairs AS SELECT * FROM read_parquet(['{tmp_path / 'new.parquet'}'])")
+    assert teacher_margins(con) == [("a", 6.0), ("b", 1.0)]
