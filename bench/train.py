@@ -56,7 +56,7 @@ def cached_models(cache_dir: str) -> tuple[str, str]:
     from dadpo_offline.manifest import load_manifest
 
     cache = open_cache(cache_dir)
-    with cache.connect(read_only=True) as con:
+    with cache.connect() as con:
         (fingerprint,) = con.execute("SELECT fingerprint FROM stages WHERE active AND stage = 'score-reference'").fetchone()
     manifest = load_manifest(cache.stage_dir("score-reference", fingerprint) / "manifest.yaml")
     return manifest.reference_model.model, manifest.teacher.model

@@ -9,6 +9,11 @@ be checked against its closed form by hand.
     z    = β1·[(πθ_w − ref_w) − (πθ_l − ref_l)] + β2·[(πθ_w − te_w) − (πθ_l − te_l)]
     loss = −log σ(z)
 
+Several teachers (manifest `teachers:`): the teacher tensors are [pairs, teachers] and β2 a sequence
+of one weight per teacher, every anchor still inside the one z (docs/several-teachers.md derives it):
+
+    z    = β1·ref_margin + Σ_i β2_i·[(πθ_w − te_i,w) − (πθ_l − te_i,l)]
+
 dDPO is the β2 = 0 member (plain sigmoid DPO against the reference), rDPO the β1 = 0 member
 (the teacher is the only anchor). The manifest, the CLI's `--loss`, `run --dry-run`, training,
 eval and the report all read `LOSSES`, so adding a variant is one registered function here and
@@ -42,11 +47,12 @@ class PreferenceOutput:
     losses: torch.Tensor  # the loss's formula of z
     z: torch.Tensor
     ref_margin: torch.Tensor  # (πθ_w − ref_w) − (πθ_l − ref_l), unweighted
-    teacher_margin: torch.Tensor  # (πθ_w − te_w) − (πθ_l − te_l), unweighted
-    rewards_chosen: torch.Tensor  # β1·(πθ_w − ref_w) + β2·(πθ_w − te_w)
-    rewards_rejected: torch.Tensor  # β1·(πθ_l − ref_l) + β2·(πθ_l − te_l)
+    teacher_margin: torch.Tensor  # (πθ_w − te_w) − (πθ_l − te_l), unweighted; [pairs, teachers] with several
+    teacher_term: torch.Tensor  # β2·teacher_margin, summed over teachers: z − β1·ref_margin
+    rewards_chosen: torch.Tensor  # β1·(πθ_w − ref_w) + Σ β2·(πθ_w − te_w)
+    rewards_rejected: torch.Tensor  # β1·(πθ_l − ref_l) + Σ β2·(πθ_l − te_l)
     beta1: float
-    beta2: float
+    beta2: float | tuple[float, ...]  # a tuple, one per teacher, with several teachers
 
 
 @dataclass(frozen=True)
@@ -58,14 +64,18 @@ class Loss:
     params: dict[str, float] = field(default_factory=dict)  # its own parameters and their defaults
     check: Callable[..., list[str]] | None = None  # problems with a full set of its parameters
 
-    def betas(self, beta1: float, beta2: float) -> tuple[float, float]:
-        """The betas this loss really uses, for training, logs, plans and reports."""
-        return (beta1 if "beta1" in self.uses else 0.0, beta2 if "beta2" in self.uses else 0.0)
+    def betas(self, beta1: float, beta2):
+        """The betas this loss really uses, for training, logs, plans and reports (β2 a tuple with several teachers)."""
+        several = isinstance(beta2, (tuple, list))
+        if "beta2" not in self.uses:
+            beta2 = tuple(0.0 for _ in beta2) if several else 0.0
+        return (beta1 if "beta1" in self.uses else 0.0, tuple(beta2) if several else beta2)
 
-    def problems(self, beta1: float, beta2: float, params: dict) -> list[str]:
+    def problems(self, beta1: float, beta2, params: dict) -> list[str]:
         """Every bad setting for this loss, each naming its manifest key."""
+        used1, used2 = self.betas(beta1, beta2)
         found = [f"train.loss={self.name} needs a positive {' or '.join(self.uses)}"] \
-            if sum(self.betas(beta1, beta2)) <= 0 else []
+            if used1 + (sum(used2) if isinstance(used2, tuple) else used2) <= 0 else []
         unknown = sorted(set(params) - set(self.params))
         if unknown:
             known = ", ".join(self.params) or "none"
@@ -75,20 +85,35 @@ class Loss:
         return found
 
     def __call__(self, policy_chosen, policy_rejected, ref_chosen, ref_rejected, teacher_chosen, teacher_rejected,
-                 beta1: float, beta2: float, **params) -> PreferenceOutput:
-        """Both anchors inside one z (not two losses summed outside it), in float64: the cached numbers are
-        sums of hundreds of token log-probs, and a difference of two such sums loses digits in float32."""
+                 beta1: float, beta2, **params) -> PreferenceOutput:
+        """Every anchor inside one z (not losses summed outside it), in float64: the cached numbers are
+        sums of hundreds of token log-probs, and a difference of two such sums loses digits in float32.
+
+        One teacher: teacher tensors [pairs] and a float β2. Several: [pairs, teachers] and one β2 each."""
+        import torch
+
         beta1, beta2 = self.betas(beta1, beta2)
         pc, pr = policy_chosen.double(), policy_rejected.double()
         rc, rr = ref_chosen.double().to(pc.device), ref_rejected.double().to(pc.device)
         tc, tr = teacher_chosen.double().to(pc.device), teacher_rejected.double().to(pc.device)
+        if isinstance(beta2, tuple):  # several teachers: a weight per column, summed over teachers
+            if tc.dim() != 2 or tc.shape[1] != len(beta2):
+                raise ValueError(f"{len(beta2)} teacher weights for teacher log-probs of shape {tuple(tc.shape)}")
+            weights = torch.tensor(beta2, dtype=torch.float64, device=pc.device)
+            weigh = lambda x: (x * weights).sum(-1)
+            pc_, pr_ = pc.unsqueeze(-1), pr.unsqueeze(-1)
+        else:
+            weigh = lambda x: beta2 * x
+            pc_, pr_ = pc, pr
         ref_margin = (pc - rc) - (pr - rr)
-        teacher_margin = (pc - tc) - (pr - tr)
-        z = beta1 * ref_margin + beta2 * teacher_margin
+        teacher_margin = (pc_ - tc) - (pr_ - tr)
+        teacher_term = weigh(teacher_margin)
+        z = beta1 * ref_margin + teacher_term
         return PreferenceOutput(
             losses=self.formula(z, **{**self.params, **params}), z=z, ref_margin=ref_margin,
-            teacher_margin=teacher_margin, rewards_chosen=beta1 * (pc - rc) + beta2 * (pc - tc),
-            rewards_rejected=beta1 * (pr - rr) + beta2 * (pr - tr), beta1=beta1, beta2=beta2)
+            teacher_margin=teacher_margin, teacher_term=teacher_term,
+            rewards_chosen=beta1 * (pc - rc) + weigh(pc_ - tc), rewards_rejected=beta1 * (pr - rr) + weigh(pr_ - tr),
+            beta1=beta1, beta2=beta2)
 
 
 LOSSES: dict[str, Loss] = {}
@@ -119,11 +144,17 @@ dadpo = register("dadpo", ("beta1", "beta2"), "daDPO: reference and teacher anch
 rdpo = register("rdpo", ("beta2",), "rDPO: the teacher as the only anchor (β1 = 0)")(sigmoid)
 
 
-def effective_betas(loss: str, beta1: float, beta2: float) -> tuple[float, float]:
+def effective_betas(loss: str, beta1: float, beta2):
     """The betas a named loss really uses (dDPO drops β2, rDPO β1)."""
     return LOSSES[loss].betas(beta1, beta2)
 
 
-def mixed_reference(ref_logp: torch.Tensor, teacher_logp: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
-    """m = (β1·ref + β2·te)/(β1+β2): daDPO equals DPO with β = β1+β2 against this reference."""
+def mixed_reference(ref_logp: torch.Tensor, teacher_logp: torch.Tensor, beta1: float, beta2) -> torch.Tensor:
+    """m = (β1·ref + Σ β2_i·te_i)/B, B = β1 + Σ β2_i: daDPO equals DPO with β = B against this reference
+    (several teachers: teacher_logp [pairs, teachers], β2 one weight each)."""
+    import torch
+
+    if isinstance(beta2, (tuple, list)):
+        weights = torch.tensor(beta2, dtype=torch.float64)
+        return (beta1 * ref_logp.double() + (teacher_logp.double() * weights).sum(-1)) / (beta1 + float(weights.sum()))
     return (beta1 * ref_logp.double() + beta2 * teacher_logp.double()) / (beta1 + beta2)

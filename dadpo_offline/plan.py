@@ -45,7 +45,8 @@ NO_CHAT_TEMPLATE = {"lmsys/vicuna-7b-v1.5"}  # their tokenizers ship none: preco
 def plan(manifest: Manifest) -> dict:
     """Check a manifest and describe what `run` will do; raise ManifestError listing every problem at once."""
     m, problems, warnings = manifest, [], []  # what the manifest alone shows was checked when it loaded
-    teacher = describe_model(m.teacher.model, m.teacher.revision, m.teacher.dtype, problems)
+    chosen = m.chosen_teacher  # with teachers: the one whose answers are chosen; the others only score
+    teacher = describe_model(chosen.model, chosen.revision, chosen.dtype, problems)
     if m.prune.source and not Path(m.student.model).expanduser().exists():
         if m.student.model.startswith(EMBEDDED_PREFIX) or _hub_like(m.student.model):
             problems.append(f"student.model {m.student.model!r}: prune.source needs a local folder to write, "
@@ -61,12 +62,17 @@ def plan(manifest: Manifest) -> dict:
         warnings.append("run makes the reference itself (dSFT of the student) and refuses a manifest with "
                         "`reference:`; with one, run precompute, train and eval one by one")
     for role, info in models.items():
-        template = getattr(m, role).chat_template
+        template = (chosen if role == "teacher" else getattr(m, role)).chat_template
         if template is not None and not Path(template).is_file():
             problems.append(f"{role}.chat_template: {template} not found")
         elif template is None and (info["model"] in NO_CHAT_TEMPLATE or info.get("source") in NO_CHAT_TEMPLATE):
             warnings.append(f"{role} {info['model']}: its tokenizer has no chat template, and prune and precompute "
                             f"need one: set {role}.chat_template to a Jinja file (see manifests/templates/)")
+    for name, config in m.teacher_scorers().values():  # the other teachers: scorers only
+        if config is not chosen:
+            models[f"teacher {name}"] = describe_model(config.model, config.revision, config.dtype, problems)
+            if config.chat_template is not None and not Path(config.chat_template).is_file():
+                problems.append(f"teachers ({name}).chat_template: {config.chat_template} not found")
     try:
         prompts = count_prompts(m.prompts)
     except DadpoError as exc:
@@ -125,8 +131,11 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
                       **tokens(n_t * (p + tt), f"{n_t} teacher samples × ({p:,} prompt + {tt:,} response) tokens",
                                m.sft.epochs),
                       "memory": train_memory(student, m.sft, sequences=1, length=m.prompts.max_prompt_tokens + tt)},
-        "score-teacher": {"model": "teacher", "what": "log π_te of y_t and y_s, teacher's own tokenizer",
-                          **tokens(*scored), "memory": inference_memory(teacher, m, scoring=True)},
+        **{stage: {"model": "teacher" if name == "teacher" else f"teacher {name}",
+                   "what": "log π_te of y_t and y_s, teacher's own tokenizer"
+                   + (f"; anchor weight β2={config.beta2:g}" if m.teachers else ""),
+                   **tokens(*scored), "memory": inference_memory(models.get(f"teacher {name}", teacher), m, scoring=True)}
+           for stage, (name, config) in m.teacher_scorers().items()},
         "score-reference": {"model": "reference", "what": "log π_ref of y_t and y_s, π_ref = "
                             + ("the manifest's reference" if m.reference else "the dSFT student"), **tokens(*scored),
                             "memory": inference_memory(reference, m, scoring=True)},
@@ -143,8 +152,9 @@ def stages(m: Manifest, models: dict, prompts: dict, sft_dir: Path) -> list[dict
                           f"{m.prune.source}, ranked on {m.prune.calibration_prompts} built-in prompts, into "
                           f"{m.student.model}", "memory": prune_memory(student["source_info"])}
     for loss in losses:
-        beta1, beta2 = effective_betas(loss, t.beta1, t.beta2)
-        parts[f"train-{loss}"] = {"model": "student", "what": f"{loss} from the dSFT student, β1={beta1:g}, β2={beta2:g}, "
+        beta1, beta2 = effective_betas(loss, t.beta1, m.teacher_betas())
+        beta2 = "(" + ", ".join(f"{b:g}" for b in beta2) + ")" if isinstance(beta2, tuple) else f"{beta2:g}"
+        parts[f"train-{loss}"] = {"model": "student", "what": f"{loss} from the dSFT student, β1={beta1:g}, β2={beta2}, "
                                   f"lr {t.learning_rate:g}" + steps(t, n_pairs) + adapter(t), **tokens(*pair, t.epochs),
                                   "memory": train_memory(student, t, sequences=2,
                                                          length=m.prompts.max_prompt_tokens + max(tt, ts))}

@@ -134,6 +134,7 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
                        ref_chosen_logp - ref_rejected_logp AS ref
                 FROM pairs""").fetchnumpy()
             splits = con.execute("SELECT split, count(*) FROM pairs GROUP BY ALL ORDER BY split").fetchall()
+            teachers = teacher_margins(con)
             dropped = dropped_summary(con)
             per_prompt = pairs_per_prompt(con)
     except (DadpoError, duckdb.Error) as exc:
@@ -144,7 +145,18 @@ def read_margins(cache_dir: Path, missing: list[str]) -> dict | None:
     if not len(values["te"]):
         missing.append("cache: the pairs view is empty — run: dadpo-offline precompute MANIFEST --stage score")
         return None
-    return values | {"splits": splits, "dropped": dropped, "per_prompt": per_prompt}
+    return values | {"splits": splits, "dropped": dropped, "per_prompt": per_prompt, "teachers": teachers}
+
+
+def teacher_margins(con) -> list[tuple[str, float]]:
+    """Several teachers: (name, mean δ_te) of each; [] with one teacher or pairs from before the teachers_* columns."""
+    try:
+        return con.execute("""
+            SELECT name, avg(c - r) FROM (SELECT unnest(teachers) AS name, unnest(teachers_chosen_logp) AS c,
+                unnest(teachers_rejected_logp) AS r FROM pairs WHERE teachers <> ['teacher'])
+            GROUP BY name ORDER BY name""").fetchall()
+    except duckdb.BinderException:
+        return []
 
 
 def finite(column) -> np.ndarray:
@@ -196,8 +208,12 @@ def ordered_models(rows: list[dict], summary: dict) -> list[str]:
 
 
 
-def betas(stage: str, settings: dict) -> tuple[float | None, float | None]:
-    """The betas the stage's loss really used (ddpo drops β2, rdpo β1)."""
+def betas(stage: str, settings: dict) -> tuple:
+    """The betas the stage's loss really used (ddpo drops β2, rdpo β1); with several teachers, β2 by teacher name."""
+    teachers = settings.get("teachers")
+    if teachers:
+        beta1, beta2 = effective_betas(stage, settings.get("beta1"), tuple(teachers.values()))
+        return beta1, dict(zip(teachers, beta2))
     return effective_betas(stage, settings.get("beta1"), settings.get("beta2"))
 
 
@@ -371,6 +387,9 @@ def cache_blocks(margins: dict | None) -> list:
              f"sequence; mean {token.mean() if len(token) else float('nan'):.4f} nats per token",
              f"δ_ref = log π_ref(y_w) − log π_ref(y_l): mean {ref.mean() if len(ref) else float('nan'):.3f} nats "
              "(at step 0 the teacher term of z is β2·(δ_ref − δ_te))"]
+    if margins["teachers"]:  # δ_te above is the chosen answers' teacher's (pairs.chosen_from)
+        stats.append("δ_te by teacher (teachers:; δ_te above: pairs.chosen_from's): " + ", ".join(
+            f"{name} mean {mean:.3f}" for name, mean in margins["teachers"]) + " nats per sequence")
     return [("h", 2, "Cache"), ("ul", stats), ("img", "teacher_margins.png", "Teacher margins")]
 
 

@@ -161,3 +161,66 @@ def test_manifest_names_a_loss_the_registry_does_not_know():
 
     with pytest.raises(ManifestError, match=r"train.compare: 'ipo' is not one of 'dadpo', 'ddpo', 'rdpo'"):
         load_manifest(None, ["train.compare=[ipo]"])
+
+
+# -- several teachers: z = β1·ref_margin + Σ_i β2_i·teacher_margin_i inside one sigmoid --
+
+TWO_TEACHERS = dict(ONE, teacher_chosen=torch.tensor([[-5.0, -8.0]]), teacher_rejected=torch.tensor([[-20.0, -14.0]]))
+
+
+def test_several_teachers_loss_equals_hand_worked_closed_form():
+    """ref margin = 2 (as above); teacher 1 margin = (−10 − −5) − (−12 − −20) = −13,
+    teacher 2 margin = (−10 − −8) − (−12 − −14) = −2 − 2 = −4.
+    z = 0.1·2 + 0.01·(−13) + 0.05·(−4) = 0.2 − 0.13 − 0.2 = −0.13;  loss = log(1 + e^0.13) = log 2.13883 = 0.76026
+    rewards: chosen 0.1·1 + 0.01·(−5) + 0.05·(−2) = −0.05, rejected 0.1·(−1) + 0.01·8 + 0.05·2 = 0.08."""
+    out = dadpo(**TWO_TEACHERS, beta1=0.1, beta2=(0.01, 0.05))
+    assert out.teacher_margin.tolist() == [[-13.0, -4.0]]
+    assert out.teacher_term.item() == pytest.approx(-0.33)
+    assert out.z.item() == pytest.approx(-0.13)
+    assert out.losses.item() == pytest.approx(math.log1p(math.exp(0.13)))
+    assert out.losses.item() == pytest.approx(0.76026, abs=1e-5)
+    assert out.rewards_chosen.item() == pytest.approx(-0.05)
+    assert out.rewards_rejected.item() == pytest.approx(0.08)
+    assert out.beta2 == (0.01, 0.05)
+
+
+def test_several_teachers_with_one_weight_zero_is_dadpo_with_the_other_exactly():
+    """β2 = (b, 0): the second teacher's column is multiplied by 0 and drops out of z, bit for bit."""
+    x = random_logps(seed=3)
+    other = -torch.rand(7, dtype=torch.float64) * 100
+    both = dict(x, teacher_chosen=torch.stack([x["teacher_chosen"], other], -1),
+                teacher_rejected=torch.stack([x["teacher_rejected"], other - 3], -1))
+    several, single = dadpo(**both, beta1=0.1, beta2=(0.02, 0.0)), dadpo(**x, beta1=0.1, beta2=0.02)
+    assert torch.equal(several.z, single.z)
+    assert torch.equal(several.losses, single.losses)
+    assert torch.equal(several.rewards_chosen, single.rewards_chosen)
+
+
+def test_one_teacher_in_the_several_teachers_form_is_dadpo_exactly():
+    x = random_logps(seed=4)
+    as_list = dict(x, teacher_chosen=x["teacher_chosen"][:, None], teacher_rejected=x["teacher_rejected"][:, None])
+    several, single = dadpo(**as_list, beta1=0.1, beta2=(0.03,)), dadpo(**x, beta1=0.1, beta2=0.03)
+    assert torch.equal(several.z, single.z) and torch.equal(several.losses, single.losses)
+    assert torch.equal(several.teacher_term, single.teacher_term)
+
+
+def test_several_teachers_is_dpo_against_the_geometric_mix_of_all_anchors():
+    """z = B·[(π_w − m_w) − (π_l − m_l)] with B = β1 + Σβ2_i and m = (β1·ref + Σβ2_i·te_i)/B."""
+    x = random_logps(seed=5)
+    g = torch.Generator().manual_seed(6)
+    tc, tr = (-torch.rand(7, 3, generator=g, dtype=torch.float64) * 100 for _ in range(2))
+    beta1, beta2 = 0.1, (0.01, 0.2, 0.05)
+    out = dadpo(**dict(x, teacher_chosen=tc, teacher_rejected=tr), beta1=beta1, beta2=beta2)
+    big_b = beta1 + sum(beta2)
+    mw, ml = mixed_reference(x["ref_chosen"], tc, beta1, beta2), mixed_reference(x["ref_rejected"], tr, beta1, beta2)
+    expected = big_b * ((x["policy_chosen"] - mw) - (x["policy_rejected"] - ml))
+    torch.testing.assert_close(out.z, expected, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(out.losses, -F.logsigmoid(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_ddpo_with_several_teachers_ignores_them_all():
+    out = LOSSES["ddpo"](**TWO_TEACHERS, beta1=0.1, beta2=(0.01, 0.05))
+    assert out.beta2 == (0.0, 0.0)
+    assert out.z.item() == pytest.approx(0.2)
+    assert LOSSES["dadpo"].problems(0.0, (0.0, 0.0), {}) == ["train.loss=dadpo needs a positive beta1 or beta2"]
+    assert LOSSES["rdpo"].problems(0.0, (0.0, 0.1), {}) == []

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import duckdb
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from ..errors import CacheError
 from . import records
 from .records import MARKER, RegisteredShard, mark_cache
-from .schema import STAGES, VIEW_FILTERS, VIEW_STAGES, VIEWS_BY_NAME
+from .schema import STAGES, TEACHER_SCORES, VIEW_FILTERS, VIEW_STAGES, VIEWS_BY_NAME, stage_schema
 from .shards import ShardFile, file_sha256, read_shard, shard_metadata, shard_path
 
 INDEX_NAME = "index.duckdb"
@@ -178,7 +179,7 @@ class CacheIndex:
             raise CacheError(f"{expected - done} of {expected} {stage} shards are missing — {command} "
                              "(with --shard I/N: every job)")
         stale = sorted(name for name, value in json.loads(settings).items()
-                       if name in STAGES and isinstance(value, str) and active.get(name) != value)
+                       if stage_schema(name) is not None and isinstance(value, str) and active.get(name) != value)
         if stale:
             raise CacheError(f"the active {stage} shards were built from older {', '.join(stale)} shards — {command}")
         return fingerprint
@@ -186,7 +187,9 @@ class CacheIndex:
     def check_intact(self, views: list[str], repair: str) -> None:
         """Refuse to read `views` while one of their active shards is missing or damaged: a reader
         names the shard and the repair instead of failing inside DuckDB."""
-        damaged = self.verify([stage for view in views for stage in VIEW_STAGES[view]])
+        with self.connect() as con:
+            stages = _matching(con, [stage for view in views for stage in VIEW_STAGES[view]])
+        damaged = self.verify(stages)
         if damaged:
             raise CacheError(f"damaged cache: {damaged[0]} — list every damaged shard with: "
                              f"dadpo-offline cache verify {self.root}; rebuild with: {repair}")
@@ -240,7 +243,8 @@ class CacheIndex:
             stages = VIEW_STAGES[view]
             files = [str(self.root / path) for (path,) in con.execute(
                 "SELECT s.path FROM shards s JOIN stages t USING (stage, fingerprint) "
-                "WHERE t.active AND s.stage IN (SELECT unnest(?)) ORDER BY s.stage, s.shard", [stages]).fetchall()]
+                "WHERE t.active AND s.stage IN (SELECT unnest(?)) ORDER BY s.stage, s.shard",
+                [_matching(con, stages)]).fetchall()]
             if not files:
                 empty = self.root / EMPTY_DIR / f"{stages[0]}.parquet"
                 if temporary and not empty.is_file():  # a reader makes no file: the stored view stays
@@ -279,6 +283,11 @@ class CacheIndex:
             for row in rows:
                 if row["stage"] == "pairs" and row["active"] and row["done"]:
                     row["note"] = self._pairs_note(con)
+                elif fnmatchcase(row["stage"], TEACHER_SCORES):  # several teachers: which one, which model
+                    settings = con.execute("SELECT settings FROM stages WHERE stage = ? AND fingerprint = ?",
+                                           [row["stage"], row["fingerprint"]]).fetchone()[0]
+                    row["note"] = (f"teacher {row['stage'][len('score-teacher-'):]}: "
+                                   f"{json.loads(settings).get('model')} (scores.scorer)")
         return rows
 
     def _pairs_note(self, con) -> str:
@@ -306,6 +315,12 @@ class CacheIndex:
                 what = f"shard {shard}" if rel.endswith(".parquet") else "file"
                 problems.append(f"{stage} {what} ({rel}): {problem}")
         return problems
+
+
+def _matching(con, patterns: list[str]) -> list[str]:
+    """The recorded stage names that `patterns` (names, or globs like score-teacher-*) name."""
+    names = [name for (name,) in con.execute("SELECT DISTINCT stage FROM stages").fetchall()]
+    return [name for name in names if any(fnmatchcase(name, p) for p in patterns)]
 
 
 def dropped_summary(con, split: str | None = None) -> str:

@@ -3,6 +3,8 @@
 Rows are keyed by ids, never by text: prompt_id, sample, role (who wrote the response:
 teacher or student) and scorer (whose log-probs: teacher or reference).
 """
+from fnmatch import fnmatchcase
+
 import pyarrow as pa
 
 ids = pa.list_(pa.int32())
@@ -71,24 +73,37 @@ PAIRS = pa.schema([
     ("chosen_truncated", pa.bool_()),
     ("rejected_truncated", pa.bool_()),
     ("policy", pa.string()),  # the pairs.policy that chose these samples: index | all | best_vs_worst
+    # Every teacher's numbers, one per teacher in `teachers` order (manifest `teachers:`; with `teacher:`
+    # the one scorer 'teacher'): what several-teacher training reads. Null in shards from before them.
+    ("teachers", pa.list_(pa.string())),  # the teachers' scorer names
+    ("teachers_chosen_logp", pa.list_(pa.float64())),
+    ("teachers_rejected_logp", pa.list_(pa.float64())),
     ("dropped", pa.string()),  # why the pair is not trained on (the CASE in PAIRS_JOIN_SQL), null when it is
 ])
 
 # Joins one shard's prompts, generations and scores (tables registered under these names).
-# `answers`: every sample with both scores; `eligible` when it may be trained on (scored tokens, and
+# `anchors`: each sample's scores by every teacher in $teachers, as lists in that order; `t` is the
+# $chosen_scorer teacher (the chosen answers' one), whose numbers fill the teacher_* columns.
+# `answers`: every sample with the reference's and every teacher's score; `eligible` when it may be trained on (scored tokens, and
 # ended if `pairs.require_finished` asks it to); `rank` orders a prompt's samples of one role for
 # best_vs_worst: eligible ones first, then teacher samples by the teacher's log-prob per token, high
 # to low, student samples low to high, ties by sample number. `dropped`: a side with no scored
 # token, or an answer cut at max_tokens that `pairs.require_finished` asks to have ended.
 PAIRS_JOIN_SQL = """
-WITH answers AS (
+WITH anchors AS (
+    SELECT prompt_id, sample, role, list(logprob ORDER BY list_position($teachers, scorer)) AS logps,
+           min(n_tokens) AS min_tokens, count(*) AS n
+    FROM scores WHERE list_contains($teachers, scorer) GROUP BY prompt_id, sample, role
+), answers AS (
     SELECT g.prompt_id, g.sample, g.role, g.truncated, r.input_ids, r.prompt_len, r.logprob AS ref_logp,
            r.n_tokens AS ref_tokens, t.logprob AS teacher_logp, t.n_tokens AS teacher_tokens,
-           least(r.n_tokens, t.n_tokens) >= 1 AND NOT (g.truncated AND (
+           a.logps AS teachers_logp, a.min_tokens AS teachers_min_tokens,
+           least(r.n_tokens, t.n_tokens, a.min_tokens) >= 1 AND NOT (g.truncated AND (
                $require_finished = 'both' OR ($require_finished = 'chosen' AND g.role = 'teacher'))) AS eligible
     FROM generations g
     JOIN scores r ON r.prompt_id = g.prompt_id AND r.sample = g.sample AND r.role = g.role AND r.scorer = 'reference'
-    JOIN scores t ON t.prompt_id = g.prompt_id AND t.sample = g.sample AND t.role = g.role AND t.scorer = 'teacher'
+    JOIN scores t ON t.prompt_id = g.prompt_id AND t.sample = g.sample AND t.role = g.role AND t.scorer = $chosen_scorer
+    JOIN anchors a ON a.prompt_id = g.prompt_id AND a.sample = g.sample AND a.role = g.role AND a.n = len($teachers)
 ), ranked AS (
     SELECT *, row_number() OVER (PARTITION BY prompt_id, role ORDER BY eligible DESC,
         CASE role WHEN 'teacher' THEN -1 ELSE 1 END * teacher_logp / nullif(teacher_tokens, 0) NULLS LAST,
@@ -103,7 +118,9 @@ SELECT p.prompt_id, c.sample AS chosen_sample, r.sample AS rejected_sample, p.sp
        c.ref_tokens AS chosen_tokens, r.ref_tokens AS rejected_tokens,
        c.teacher_tokens AS teacher_chosen_tokens, r.teacher_tokens AS teacher_rejected_tokens,
        c.truncated AS chosen_truncated, r.truncated AS rejected_truncated, $policy AS policy,
-       CASE WHEN least(c.ref_tokens, r.ref_tokens, c.teacher_tokens, r.teacher_tokens) < 1 THEN 'no scored tokens'
+       $teachers AS teachers, c.teachers_logp AS teachers_chosen_logp, r.teachers_logp AS teachers_rejected_logp,
+       CASE WHEN least(c.ref_tokens, r.ref_tokens, c.teachers_min_tokens, r.teachers_min_tokens) < 1
+                 THEN 'no scored tokens'
             WHEN $require_finished = 'both' AND c.truncated AND r.truncated THEN 'both truncated'
             WHEN $require_finished IN ('both', 'chosen') AND c.truncated THEN 'chosen truncated'
             WHEN $require_finished = 'both' AND r.truncated THEN 'rejected truncated' END AS dropped
@@ -198,6 +215,15 @@ STAGES = {
     "judgments": JUDGMENTS,
     "eval-results": EVAL_RESULTS,
 }
+# With `teachers:`, each teacher's scores are their own stage, score-teacher-NAME, with SCORES rows.
+TEACHER_SCORES = "score-teacher-*"
+
+
+def stage_schema(stage: str) -> pa.Schema | None:
+    """The shard layout of a stage name, a per-teacher score stage included; None for no stage."""
+    return STAGES.get(stage) or (SCORES if fnmatchcase(stage, TEACHER_SCORES) else None)
+
+
 # Eval artefacts kept as the files their tools read back (not Parquet), registered with size and
 # sha256 like shards so that `cache status`, `verify` and `gc` see them; where they lie in the cache.
 FILE_STAGES = {
@@ -211,7 +237,7 @@ ACCUMULATING = {"answers", "answer-scores", "judgments", "eval-results", *FILE_S
 VIEW_STAGES = {
     "prompts": ["prompts"],
     "generations": ["generate-teacher", "generate-student"],
-    "scores": ["score-teacher", "score-reference"],
+    "scores": ["score-teacher", "score-reference", TEACHER_SCORES],  # a pattern matches every stage it names
     "pairs": ["pairs"],
     "dropped_pairs": ["pairs"],
     "answers": ["answers"],

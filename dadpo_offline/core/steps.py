@@ -40,7 +40,7 @@ def pipeline_steps(m: Manifest) -> list[Step]:
     steps += [Step("generate", ("prompts", "generate-student", "generate-teacher"),
                    "dadpo-offline precompute MANIFEST --stage generate   (prompts and both generations)"),
               Step("dsft", ("train-sft",), "dadpo-offline train MANIFEST --stage sft"),
-              Step("score", ("score-teacher", "score-reference", "pairs"),
+              Step("score", (*m.teacher_scorers(), "score-reference", "pairs"),
                    f"dadpo-offline precompute MANIFEST --stage score{use}   (scores and pairs)")]
     steps += [Step(loss, (f"train-{loss}",), f"dadpo-offline train MANIFEST --stage dadpo --loss {loss}{use}")
               for loss in trained_losses(m)]

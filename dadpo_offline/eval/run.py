@@ -42,7 +42,7 @@ class EvalRun:
 
 def eval_models(manifest: Manifest, extra: dict[str, str], only: list[str] | None) -> dict[str, ModelConfig]:
     """teacher, student, reference, trained outputs found on disk, eval.models, then --model flags."""
-    models = {"teacher": manifest.teacher, "student": manifest.student}
+    models = {"teacher": manifest.chosen_teacher, "student": manifest.student}
     layout = RunLayout.of(manifest)
     if manifest.reference is not None and manifest.reference.model != str(layout.stage("sft")):
         models["reference"] = manifest.reference  # (the dSFT output is listed below as "sft")

@@ -29,6 +29,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    """One of several teachers (`teachers:`): a model like `teacher:`, named, with its own anchor weight."""
+    name: str = ""  # its scores' `scorer`, its stage score-teacher-NAME, its anchor in logs and reports
+    beta2: float = 0.01  # weight of this teacher's anchor in z (train.beta2 is not used with teachers:)
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     temperature: float = 0.7  # > 0 samples, 0 is greedy
     top_p: float = 0.95
@@ -88,6 +95,9 @@ class PairsConfig:
     # sample k with sample k; all, every teacher sample with every student sample; best_vs_worst, the
     # teacher sample the teacher finds likeliest per token against the student sample it finds least likely.
     policy: Literal["index", "all", "best_vs_worst"] = "index"
+    # With `teachers:`, whose answers are the chosen ones: a teacher's name, or each (the teachers in turn,
+    # prompt by prompt in prompt order). None: the first teacher listed.
+    chosen_from: Optional[str] = None
 
     def per_prompt(self, teacher_samples: int, student_samples: int) -> int:
         """Pairs each prompt gets (before any is dropped)."""
@@ -251,6 +261,7 @@ class Manifest:
     name: str = "run"
     cache_dir: str = "runs/default/cache"  # relative: against the manifest's folder (no manifest: the cwd)
     teacher: ModelConfig = field(default_factory=ModelConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)  # several teachers instead of `teacher:`, each its own anchor
     student: ModelConfig = field(default_factory=ModelConfig)
     reference: Optional[ModelConfig] = None  # the dSFT student; default: the student itself
     prune: PruneConfig = field(default_factory=PruneConfig)  # make the student by depth or width pruning (run does it first)
@@ -266,6 +277,25 @@ class Manifest:
     @property
     def reference_model(self) -> ModelConfig:
         return self.reference or self.student
+
+    @property
+    def chosen_teacher(self) -> ModelConfig:
+        """The teacher that writes the chosen answers (and that eval compares against): `teacher:`, or with
+        `teachers:` the one `pairs.chosen_from` names (the first listed by default and with each)."""
+        if not self.teachers:
+            return self.teacher
+        return next((t for t in self.teachers if t.name == self.pairs.chosen_from), self.teachers[0])
+
+    def teacher_scorers(self) -> dict[str, tuple[str, ModelConfig]]:
+        """{cache stage: (scores.scorer, model)} of every teacher anchor: `teacher:` is stage score-teacher,
+        scorer teacher; each of `teachers:` is stage score-teacher-NAME, scorer NAME."""
+        if not self.teachers:
+            return {"score-teacher": ("teacher", self.teacher)}
+        return {f"score-teacher-{t.name}": (t.name, t) for t in self.teachers}
+
+    def teacher_betas(self, train: TrainConfig | None = None) -> float | tuple[float, ...]:
+        """The teacher anchor weight(s) training uses: train.beta2, or with `teachers:` one beta2 per teacher."""
+        return tuple(t.beta2 for t in self.teachers) if self.teachers else (train or self.train).beta2
 
 
 def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifest:
@@ -287,6 +317,10 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
     for item in overrides:
         _apply_override(raw, item, problems)
     manifest = _build(Manifest, raw, "", problems)
+    if raw.get("teachers") and "teacher" in raw:
+        problems.append("teacher and teachers: give one — teachers lists several, each with name and beta2")
+    if raw.get("teachers") and "beta2" in (raw.get("train") or {}):
+        problems.append("train.beta2: with teachers, each teacher's own beta2 weighs its anchor — remove train.beta2")
     if not problems:  # combinations only make sense once every field has its type
         problems += combination_problems(manifest)
     if problems:
@@ -312,6 +346,7 @@ def load_manifest(path: str | Path | None, overrides: list[str] = ()) -> Manifes
     sweep = dataclasses.replace(manifest.sweep, output_dir=maybe(manifest.sweep.output_dir))
     return dataclasses.replace(manifest, cache_dir=absolute(manifest.cache_dir), train=train, eval=evaluation, sweep=sweep,
                                teacher=model(manifest.teacher), student=model(manifest.student),
+                               teachers=[model(t) for t in manifest.teachers],
                                reference=model(manifest.reference),
                                prune=dataclasses.replace(manifest.prune, source=local(manifest.prune.source)),
                                prompts=dataclasses.replace(manifest.prompts, sources=sources(manifest.prompts.sources)))
@@ -396,7 +431,12 @@ def _convert(hint: Any, value: Any, key: str, problems: list[str]) -> Any:
 
 
 def manifest_dict(manifest: Manifest) -> dict:
-    return dataclasses.asdict(manifest)
+    """Every setting; with `teachers:`, without `teacher` and `train.beta2`, which it replaces (and which
+    would make the saved manifest load with an error)."""
+    settings = dataclasses.asdict(manifest)
+    if manifest.teachers:
+        del settings["teacher"], settings["train"]["beta2"]
+    return settings
 
 
 def write_resolved(manifest: Manifest, path: Path) -> None:

@@ -2,6 +2,7 @@
 finds, so loading reports them all in one error."""
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from ..losses import LOSSES
@@ -61,7 +62,28 @@ def combination_problems(m: Manifest) -> list[str]:
                         f"{m.prune.method!r}")
     if m.engine.gpu_memory_utilization is not None and not 0 < m.engine.gpu_memory_utilization <= 1:
         problems.append(f"engine.gpu_memory_utilization: must be in (0, 1], got {m.engine.gpu_memory_utilization}")
-    return problems + _trainer_problems("sft", m.sft) + _trainer_problems("train", m.train) + _loss_problems(m.train, m.sweep)
+    return (problems + _teachers_problems(m) + _trainer_problems("sft", m.sft) + _trainer_problems("train", m.train)
+            + _loss_problems(m.train, m.sweep, m.teacher_betas()))
+
+
+def _teachers_problems(m: Manifest) -> list[str]:
+    """`teachers:` entries: unique names that can name a cache stage, weights >= 0; `pairs.chosen_from` one of them."""
+    names = [t.name for t in m.teachers]
+    problems = [f"teachers[{i}].name: {name!r} must be lowercase letters, digits, - or _ (it names a cache stage), "
+                "and not reference, student, teacher or each"
+                for i, name in enumerate(names) if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name)
+                or name in ("reference", "student", "teacher", "each")]
+    problems += [f"teachers: the name {name!r} is given twice" for name in sorted(set(names)) if names.count(name) > 1]
+    problems += [f"teachers[{i}].beta2 must be >= 0, got {t.beta2}" for i, t in enumerate(m.teachers) if t.beta2 < 0]
+    chosen = m.pairs.chosen_from
+    if chosen is not None and not m.teachers:
+        problems.append(f"pairs.chosen_from={chosen}: applies with teachers: only")
+    elif chosen is not None and chosen != "each" and chosen not in names:
+        problems.append(f"pairs.chosen_from: {chosen!r} is not each or a teacher's name ({', '.join(names)})")
+    if m.teachers and (m.sweep.beta2 or any("beta2" in axes for axes in m.sweep.axes.values())):
+        problems.append("sweep.beta2: with teachers, each teacher's own beta2 weighs its anchor — remove the "
+                        "beta2 axis and give each set of weights its own manifest")
+    return problems
 
 
 def _trainer_problems(section: str, t: TrainerConfig) -> list[str]:
@@ -106,7 +128,7 @@ def _peft_problems(key: str, p: PeftConfig) -> list[str]:
     return problems
 
 
-def _loss_problems(t: TrainConfig, s: SweepConfig) -> list[str]:
+def _loss_problems(t: TrainConfig, s: SweepConfig, beta2) -> list[str]:
     """The loss registry checks its names, the betas each loss uses and each loss's own parameters."""
     known = ", ".join(map(repr, sorted(LOSSES)))
     problems = [f"{key}: {name!r} is not one of {known}"
@@ -124,7 +146,7 @@ def _loss_problems(t: TrainConfig, s: SweepConfig) -> list[str]:
     problems += [f"train.{key} must be >= 0, got {getattr(t, key)}"
                  for key in ("beta1", "beta2", "step0_pairs", "step0_max_token_gap")
                  if getattr(t, key) is not None and getattr(t, key) < 0]
-    for name in dict.fromkeys([t.loss, *t.compare]):
-        if name in LOSSES and t.beta1 >= 0 and t.beta2 >= 0:
-            problems += LOSSES[name].problems(t.beta1, t.beta2, t.loss_params.get(name, {}))
+    for name in dict.fromkeys([t.loss, *t.compare]):  # beta2: train.beta2, or each teacher's with teachers:
+        if name in LOSSES and t.beta1 >= 0 and min(beta2 if isinstance(beta2, tuple) else (beta2,), default=0) >= 0:
+            problems += LOSSES[name].problems(t.beta1, beta2, t.loss_params.get(name, {}))
     return problems

@@ -29,7 +29,7 @@ from ..manifest import Manifest, manifest_dict, write_resolved
 from ..core.engines import engine_identity, pick_backend
 from ..core.prompts import collect_prompts
 from ..core.roles import Engines, Role, model_role
-from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard
+from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard, take_turns
 
 STAGE_CHOICES = ("all", "prompts", "generate", "score")
 
@@ -58,15 +58,20 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     # 1. Validate all inputs before the cache exists or changes.
     prompts, counts = collect_prompts(manifest.prompts)
     backend = pick_backend(manifest.engine.backend)
-    roles = {name: model_role(name, getattr(manifest, name) if name != "reference" else manifest.reference_model)
-             for name in ("student", "teacher", "reference")}
+    roles = {"student": model_role("student", manifest.student), "teacher": model_role("teacher", manifest.chosen_teacher),
+             "reference": model_role("reference", manifest.reference_model)}
+    scorers = teacher_scorers(manifest, roles["teacher"])  # {stage: (scorer, role)}: one per teacher
+    each = manifest.pairs.chosen_from == "each"
+    writers = [role for _, role in scorers.values()] if each else [roles["teacher"]]  # who writes chosen answers
     if roles["reference"].fmt.identity != roles["student"].fmt.identity:
         raise InputError(f"the reference ({roles['reference'].model.reference}) reads text differently from the student "
                          f"({roles['student'].model.reference}): another tokenizer, chat template or end-of-turn token. "
                          "The reference's token ids are the ones the student trains on, so they must be the same")
+    # the teachers beside the chosen one read prompts under their own templates too: fitted and rendered here
+    others = [(stage, role) for stage, (scorer, role) in scorers.items() if role is not roles["teacher"]]
     fitted, rendered, seen = [], [], set()
     for prompt in prompts:
-        kept, ids = fit_prompt(prompt, [roles["student"].fmt, roles["teacher"].fmt],
+        kept, ids = fit_prompt(prompt, [roles["student"].fmt, roles["teacher"].fmt, *(r.fmt for _, r in others)],
                                manifest.prompts.max_prompt_tokens, manifest.prompts.long_prompts)
         if kept is None:
             counts["too_long"] += 1
@@ -87,7 +92,8 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     # 2. Fingerprints: every setting that shapes a stage's rows.
     prompt_settings = {"prompts": [[p.prompt_id, p.split, p.category] for p in fitted],  # moving one to heldout counts
                        "config": _portable(manifest_dict(manifest)["prompts"]),
-                       "formats": [roles["student"].fmt.identity, roles["teacher"].fmt.identity], "shard_size": shard_size,
+                       "formats": [roles[r].fmt.identity for r in ("student", "teacher")] + [r.fmt.identity for _, r in others],
+                       "shard_size": shard_size,
                        "ids": _ids_digest(rendered)}  # what the templates rendered, so no rebuild can differ silently
     fps = {"prompts": fingerprint(prompt_settings)}
     settings = {"prompts": prompt_settings}
@@ -97,13 +103,21 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         del sampling["samples"]  # the resolved count below: older caches, which had one count, keep their fingerprints
         settings[f"generate-{role}"] = {"prompts": fps["prompts"], **_model_settings(r, backend, manifest),
                                         "sampling": sampling, "samples_per_prompt": manifest.generate.samples(role)}
+        if role == "teacher" and each:  # every teacher writes, in turn; their formats tell dSFT how to read them
+            settings[f"generate-{role}"] |= {"chosen_from": "each", "chat_formats": [w.fmt.identity for w in writers],
+                                             "writers": [_model_settings(w, backend, manifest) for w in writers]}
         fps[f"generate-{role}"] = fingerprint(settings[f"generate-{role}"])
-    for scorer in ("teacher", "reference"):
-        settings[f"score-{scorer}"] = {"prompts": fps["prompts"], "generate-teacher": fps["generate-teacher"],
-                                       "generate-student": fps["generate-student"],
-                                       **_model_settings(roles[scorer], backend, manifest)}
-        fps[f"score-{scorer}"] = fingerprint(settings[f"score-{scorer}"])
-    settings["pairs"] = {**{stage: fps[stage] for stage in fps}, **dataclasses.asdict(manifest.pairs)}
+    score_roles = {**{stage: role for stage, (_, role) in scorers.items()}, "score-reference": roles["reference"]}
+    for name, role in score_roles.items():
+        settings[name] = {"prompts": fps["prompts"], "generate-teacher": fps["generate-teacher"],
+                          "generate-student": fps["generate-student"], **_model_settings(role, backend, manifest)}
+        fps[name] = fingerprint(settings[name])
+    pairs_settings = dataclasses.asdict(manifest.pairs)
+    if manifest.pairs.chosen_from is None:
+        del pairs_settings["chosen_from"]  # a single-teacher cache keeps the fingerprint it had before teachers:
+    if manifest.teachers:  # the order of the pairs' teachers_* lists
+        pairs_settings["teachers"] = [scorer for scorer, _ in scorers.values()]
+    settings["pairs"] = {**{stage: fps[stage] for stage in fps}, **pairs_settings}
     fps["pairs"] = fingerprint(settings["pairs"])
 
     # 3. Build what is missing, stage by stage.
@@ -111,12 +125,26 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         _require_generations(manifest.cache_dir, fps, mine)
     cache = open_cache(manifest.cache_dir, create=True)
     engines = Engines(manifest, backend)
-    wanted = {"all": ["prompts", "generate-student", "generate-teacher", "score-teacher", "score-reference", "pairs"],
-              "prompts": ["prompts"], "generate": ["prompts", "generate-student", "generate-teacher"],
-              "score": ["prompts", "score-teacher", "score-reference", "pairs"]}[stage]
+    generate = ["prompts", "generate-student", "generate-teacher"]
+    # the teacher that generated last scores first: its engine is still loaded
+    score = ["prompts", *sorted(scorers, key=lambda stage: scorers[stage][1] is not writers[-1]), "score-reference", "pairs"]
+    wanted = {"all": generate + score[1:], "prompts": ["prompts"], "generate": generate, "score": score}[stage]
     _say_if_rendered_differently(cache, settings["prompts"])
-    all_prompts = prompts_table(fitted, rendered, shard_size)
+    all_prompts = prompts_table(fitted, [x[:2] for x in rendered], shard_size)
+    chosen_scorer = manifest.chosen_teacher.name if manifest.teachers else "teacher"  # fills the pairs' teacher_* columns
     shard_prompts = lambda k: all_prompts.filter(pc.equal(all_prompts["shard"], k))
+    stored_as = {id(roles["teacher"]): "teacher_prompt_ids", id(roles["reference"]): "student_prompt_ids",
+                 id(roles["student"]): "student_prompt_ids"}
+    writer_of = take_turns([p.prompt_id for p in fitted], writers)  # one writer unless pairs.chosen_from is each
+    writer = lambda row: writer_of[row["prompt_id"]].fmt if row["role"] == "teacher" else roles["student"].fmt
+    other_ids = {id(role): {p.prompt_id: x[2 + i] for p, x in zip(fitted, rendered)} for i, (_, role) in enumerate(others)}
+
+    def prompt_ids(role: Role, k: int) -> dict:
+        """{prompt id: ids} of shard k as `role` reads the prompts: stored, or rendered above (other teachers)."""
+        shard = shard_prompts(k)
+        if id(role) in other_ids:
+            return {p: other_ids[id(role)][p] for p in shard["prompt_id"].to_pylist()}
+        return dict(zip(shard["prompt_id"].to_pylist(), shard[stored_as[id(role)]].to_pylist()))
 
     def build(name: str, k: int) -> pa.Table:
         if name == "prompts":
@@ -124,16 +152,20 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
         if name == "pairs":
             return pairs_shard(shard_prompts(k),
                                _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate"),
-                               _shard_inputs(cache, fps, ["score-teacher", "score-reference"], k, "score"),
-                               manifest.pairs)
-        role = roles[name.split("-", 1)[1]]
+                               _shard_inputs(cache, fps, [*scorers, "score-reference"], k, "score"),
+                               manifest.pairs, [scorer for scorer, _ in scorers.values()], chosen_scorer)
         if name.startswith("generate-"):
-            return generate_shard(shard_prompts(k), role.name, role.fmt, engines.get(role),
-                                  getattr(manifest.generate, role.name), manifest.generate.samples(role.name))
+            role = name.split("-", 1)[1]
+            sampling, samples = getattr(manifest.generate, role), manifest.generate.samples(role)
+            if role == "student":
+                return generate_shard(prompt_ids(roles["student"], k), role, roles["student"].fmt,
+                                      engines.get(roles["student"]), sampling, samples)
+            turns = [(w, {p: x for p, x in prompt_ids(w, k).items() if writer_of[p] is w}) for w in writers]
+            return pa.concat_tables([generate_shard(own, role, w.fmt, engines.get(w), sampling, samples)
+                                     for w, own in turns if own])
         generations = _shard_inputs(cache, fps, ["generate-teacher", "generate-student"], k, "generate")
-        ids_column = "teacher_prompt_ids" if role.name == "teacher" else "student_prompt_ids"
-        return score_shard(shard_prompts(k), generations, {"teacher": roles["teacher"].fmt,
-                           "student": roles["student"].fmt}, role.name, role.fmt, engines.get(role), ids_column)
+        scorer, role = scorers.get(name, ("reference", roles["reference"]))
+        return score_shard(prompt_ids(role, k), generations, writer, scorer, role.fmt, engines.get(role))
 
     try:
         for name in wanted:
@@ -149,6 +181,12 @@ def precompute(manifest: Manifest, stage: str = "all", shard_spec: str | None = 
     finally:
         engines.close()
     return summary
+
+
+def teacher_scorers(manifest: Manifest, chosen: Role) -> dict[str, tuple[str, Role]]:
+    """{score stage: (scores.scorer, role)} (`Manifest.teacher_scorers`), the chosen-answer teacher's role reused."""
+    return {stage: (scorer, chosen if config is manifest.chosen_teacher else model_role(scorer, config))
+            for stage, (scorer, config) in manifest.teacher_scorers().items()}
 
 
 def _model_settings(role: Role, backend: str, manifest: Manifest) -> dict:

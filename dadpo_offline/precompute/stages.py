@@ -6,6 +6,7 @@ crash, or by another `--shard i/N` job, holds exactly the same rows.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -52,11 +53,11 @@ def prompts_table(prompts: list[Prompt], rendered: list[list[list[int]]], shard_
     } for i, (p, (student, teacher)) in enumerate(zip(prompts, rendered))], schema=PROMPTS)
 
 
-def generate_shard(prompts: pa.Table, role: str, fmt: ChatFormat, engine, sampling: SamplingConfig,
+def generate_shard(prompt_ids: dict[str, list[int]], role: str, fmt: ChatFormat, engine, sampling: SamplingConfig,
                    samples: int) -> pa.Table:
-    """`samples` answers by `role` to each prompt of a prompts shard, from its stored ids."""
+    """`samples` answers by `role` to each prompt of `prompt_ids` (prompt id → its ids under `fmt`)."""
     keys, requests = [], []
-    for prompt_id, ids in zip(prompts["prompt_id"].to_pylist(), prompts[f"{role}_prompt_ids"].to_pylist()):
+    for prompt_id, ids in prompt_ids.items():
         for sample in range(samples):
             seed = request_seed(sampling.seed, prompt_id, sample, role)
             keys.append((prompt_id, sample, seed))
@@ -70,18 +71,18 @@ def generate_shard(prompts: pa.Table, role: str, fmt: ChatFormat, engine, sampli
     } for (pid, sample, seed), req, out in zip(keys, requests, completions)], schema=GENERATIONS)
 
 
-def score_shard(prompts: pa.Table, generations: pa.Table, generator_formats: dict[str, ChatFormat],
-                scorer: str, fmt: ChatFormat, engine, ids_column: str) -> pa.Table:
+def score_shard(stored: dict[str, list[int]], generations: pa.Table, writer: Callable[[dict], ChatFormat],
+                scorer: str, fmt: ChatFormat, engine) -> pa.Table:
     """Log-probs of every response under `scorer`, in the scorer's own token ids.
 
     Same tokenizer as the generator: reuse the sampled ids exactly. Another tokenizer: the prompt
-    as stored for the scorer's template (`ids_column` of the prompts shard) and the response text
-    through the scorer's tokenizer (sentence-level, so no shared vocabulary).
+    as rendered for the scorer's template (`stored`: prompt id → ids) and the response text
+    through the scorer's tokenizer (sentence-level, so no shared vocabulary). `writer`: the format
+    of the model that wrote a generation row.
     """
-    stored = dict(zip(prompts["prompt_id"].to_pylist(), prompts[ids_column].to_pylist()))
     rows, sequences, prompt_lens = [], [], []
     for row in generations.to_pylist():
-        prompt_ids, response_ids = fmt.sequence(row, stored[row["prompt_id"]], generator_formats[row["role"]].identity)
+        prompt_ids, response_ids = fmt.sequence(row, stored[row["prompt_id"]], writer(row).identity)
         rows.append(row)
         sequences.append(prompt_ids + response_ids)
         prompt_lens.append(len(prompt_ids))
@@ -93,10 +94,17 @@ def score_shard(prompts: pa.Table, generations: pa.Table, generator_formats: dic
     } for row, seq, start, lps in zip(rows, sequences, prompt_lens, token_logprobs)], schema=SCORES)
 
 
-def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, config: PairsConfig) -> pa.Table:
+def take_turns(prompt_ids: list[str], writers: list) -> dict:
+    """pairs.chosen_from each: {prompt id: writer}, the writers in turn over the prompts in prompts-stage order."""
+    return {p: writers[i % len(writers)] for i, p in enumerate(prompt_ids)}
+
+
+def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, config: PairsConfig,
+                teachers: list[str] = ("teacher",), chosen_scorer: str = "teacher") -> pa.Table:
     """One row per pair that `config.policy` makes of a prompt's samples, with everything training reads,
     joined once, here, per shard; `dropped` names why a pair is not trained on (`pairs.require_finished`,
-    a side with no tokens).
+    a side with no tokens). `teachers`: every teacher's scorer name, in the order of the teachers_* lists;
+    `chosen_scorer`: the one whose numbers fill the teacher_* columns (the chosen answers' teacher).
 
     best_vs_worst ranks finished answers (as `require_finished` asks) before cut ones: the best teacher
     answer that may be trained on is paired, rather than a cut better-scoring one whose pair would be dropped;
@@ -106,7 +114,8 @@ def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, conf
     try:
         for name, table in (("prompts", prompts), ("generations", generations), ("scores", scores)):
             con.register(name, table)
-        params = {"require_finished": config.require_finished, "policy": config.policy}
+        params = {"require_finished": config.require_finished, "policy": config.policy, "teachers": list(teachers),
+                  "chosen_scorer": chosen_scorer}
         return arrow_table(con.sql(PAIRS_JOIN_SQL, params=params)).cast(PAIRS)
     finally:
         con.close()

@@ -46,6 +46,9 @@ def grid(m: Manifest) -> tuple[list[Point], list[str]]:
     for one loss), and a note for each loss and
     beta pair left out because the loss would have no anchor there (rDPO at β2 = 0: no loss at all)."""
     s, t = m.sweep, m.train
+    if m.teachers:  # its points, names and tables hold one β2 each
+        raise ManifestError("sweep: a manifest with teachers: (several teachers) cannot be swept yet — train each "
+                            "setting with: dadpo-offline train MANIFEST --stage dadpo")
     axes = {"beta1": s.beta1 or [t.beta1], "beta2": s.beta2 or [t.beta2]}
     points, dropped = {}, {}
     for loss in s.losses or [t.loss]:

@@ -88,8 +88,9 @@ def step0_check(trainer, model, pairs: int, cache_dir: str, max_token_gap: float
         for row, (f, *sides) in enumerate(scored):
             # chosen = the teacher's answer, rejected = the student's
             key = {"teacher": (f["prompt_id"], f["chosen_sample"]), "student": (f["prompt_id"], f["rejected_sample"])}
-            expected = [stored[(*key[role], role, scorer)][1] for scorer in ("reference", "teacher")
-                        for role in ("teacher", "student")]
+            # the anchors' order: reference chosen, rejected, then each teacher's chosen, then each one's rejected
+            expected = [stored[(*key[role], role, "reference")][1] for role in ("teacher", "student")] + \
+                [stored[(*key[role], role, scorer)][1] for role in ("teacher", "student") for scorer in trainer.scorers]
             anchor_gaps.extend((received[row] - torch.tensor(expected, dtype=torch.float64)).abs().tolist())
             for side, (role, ours) in enumerate(zip(("teacher", "student"), sides)):
                 cached_tokens = torch.tensor(stored[(*key[role], role, "reference")][0], dtype=torch.float64)

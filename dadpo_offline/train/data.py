@@ -18,6 +18,7 @@ import torch
 
 from ..cache.index import dropped_summary, open_cache
 from ..errors import CacheError
+from ..precompute.stages import take_turns
 
 ANCHORS = ["ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp", "teacher_rejected_logp"]
 PAIR_COLUMNS = ["prompt_id", "chosen_sample", "rejected_sample", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
@@ -42,19 +43,28 @@ class Rows:
         return (self[i] for i in range(len(self)))
 
     def anchors(self) -> torch.Tensor:
-        """The cached log-probs, [pairs, 4] float64 in `ANCHORS` order, row i = pair i."""
-        return torch.from_numpy(np.column_stack([self.table.column(c).to_numpy() for c in ANCHORS]).astype(np.float64))
+        """The cached log-probs, [pairs, 4] float64 in `ANCHORS` order, row i = pair i. Read with several
+        teachers: [pairs, 2 + 2n], the reference's chosen and rejected, then each teacher's chosen, then
+        each teacher's rejected (one teacher: the same four columns in the same order)."""
+        if "teachers_chosen_logp" not in self.table.column_names:
+            columns = [self.table.column(c).to_numpy() for c in ANCHORS]
+        else:
+            lists = [np.stack(self.table.column(c).to_pylist()) for c in ("teachers_chosen_logp", "teachers_rejected_logp")]
+            columns = [self.table.column(c).to_numpy() for c in ANCHORS[:2]] + [*lists[0].T, *lists[1].T]
+        return torch.from_numpy(np.column_stack(columns).astype(np.float64))
 
     def max_token_id(self) -> int:
         return max(pc.max(pc.list_flatten(self.table.column(c))).as_py() for c in ("chosen_input_ids", "rejected_input_ids"))
 
 
-def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -> Rows:
-    """Every trainable pair of `split`, in a fixed order (the Trainer's seeded sampler shuffles)."""
+def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None, teachers: list[str] | None = None) -> Rows:
+    """Every trainable pair of `split`, in a fixed order (the Trainer's seeded sampler shuffles); with
+    `teachers` (manifest `teachers:`), also every teacher's numbers, checked to be those teachers' in that order."""
     cache = open_cache(cache_dir)
     cache.ready_fingerprint("pairs", "score")
     cache.check_intact(["pairs"], "dadpo-offline precompute MANIFEST --stage score")
-    query = (f"SELECT {', '.join(PAIR_COLUMNS)} FROM pairs WHERE split = ? "
+    columns = PAIR_COLUMNS + (["teachers", "teachers_chosen_logp", "teachers_rejected_logp"] if teachers else [])
+    query = (f"SELECT {', '.join(columns)} FROM pairs WHERE split = ? "
              "ORDER BY prompt_id, chosen_sample, rejected_sample" + (" LIMIT ?" if limit else ""))
     with cache.connect() as con:
         try:
@@ -70,6 +80,11 @@ def load_pairs(cache_dir: str, split: str = "train", limit: int | None = None) -
     if table.num_rows == 0:
         raise CacheError(f"no {split} pairs in {cache.root}: the pairs view needs generations and both scores — "
                          "run: dadpo-offline precompute MANIFEST")
+    if teachers:
+        found = {tuple(x) if x else None for x in table.column("teachers").to_pylist()}
+        if found != {tuple(teachers)}:
+            raise CacheError(f"the pairs in {cache.root} hold the scores of teachers {sorted(found, key=str)}, the "
+                             f"manifest lists {list(teachers)} — run: dadpo-offline precompute MANIFEST --stage score")
     for side in ("chosen", "rejected"):  # vectorised; the first bad row is re-checked for its message
         counted = pc.subtract(pc.list_value_length(table.column(f"{side}_input_ids")), table.column(f"{side}_prompt_len"))
         bad = pc.or_(pc.not_equal(counted, table.column(f"{side}_tokens")),
@@ -115,12 +130,16 @@ def load_sft_examples(cache_dir: str, student_fmt, split: str = "train") -> list
     if json.loads(prompts[0])["formats"][0] != student_fmt.identity:
         raise CacheError(f"the prompts in {cache.root} were rendered for another student tokenizer or chat template "
                          "than this manifest's — run: dadpo-offline precompute MANIFEST --stage generate")
-    teacher_format = json.loads(teacher[0]).get("chat_format")
+    made = json.loads(teacher[0])
+    formats = {}  # pairs.chosen_from each: the teachers wrote in turn, each in its own format
+    if made.get("chosen_from") == "each":
+        formats = take_turns([p[0] for p in json.loads(prompts[0])["prompts"]], made["chat_formats"])
     examples = []
     for prompt_id, sample, prompt_token_ids, response_token_ids, text, truncated, student_prompt_ids in rows:
         generation = {"prompt_token_ids": prompt_token_ids, "response_token_ids": response_token_ids, "text": text,
                       "truncated": truncated}
-        prompt_ids, response_ids = student_fmt.sequence(generation, student_prompt_ids, teacher_format)
+        prompt_ids, response_ids = student_fmt.sequence(generation, student_prompt_ids,
+                                                      formats.get(prompt_id, made.get("chat_format")))
         if not response_ids:
             continue
         examples.append({"prompt_id": prompt_id, "sample": sample, "input_ids": list(prompt_ids) + list(response_ids),

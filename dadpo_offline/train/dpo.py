@@ -38,12 +38,15 @@ METRICS = ["ref_margin", "teacher_margin", "ref_term", "teacher_term", "rewards/
 class DadpoTrainer(Trainer):
     """Trainer whose loss is a registered preference loss of cached and policy log-probs."""
 
-    def __init__(self, *args, anchors: torch.Tensor, loss_name: str, beta1: float, beta2: float,
-                 loss_params: dict | None = None, **kwargs):
+    def __init__(self, *args, anchors: torch.Tensor, loss_name: str, beta1: float, beta2,
+                 loss_params: dict | None = None, scorers: tuple[str, ...] = ("teacher",), **kwargs):
         super().__init__(*args, **kwargs)
-        self.anchors = anchors  # [pairs, 4] float64, `data.ANCHORS` order; moved to the loss's device once
+        self.anchors = anchors  # [pairs, 2 + 2·teachers] float64 (`Rows.anchors`); moved to the loss's device once
         self.loss_fn = LOSSES[loss_name]
-        self.beta1, self.beta2, self.loss_params = beta1, beta2, loss_params or {}
+        self.beta1, self.beta2, self.loss_params = beta1, beta2, loss_params or {}  # beta2: a tuple with several teachers
+        self.scorers = tuple(scorers)  # the teachers' `scores.scorer` names, in the anchors' order
+        several = isinstance(beta2, tuple)
+        self.metrics = METRICS + ([f"teacher_margin/{name}" for name in self.scorers] if several else [])
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean
         self._sums = None  # on the loss's device: metrics, pair count, tokens; read only when logging (no syncs)
         self._clock = time.perf_counter()
@@ -59,8 +62,12 @@ class DadpoTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logps = sequence_logps(model, inputs)
         chosen, rejected = logps.chunk(2)
-        ref_chosen, ref_rejected, teacher_chosen, teacher_rejected = self.anchors_for(inputs).unbind(-1)
-        out = self.loss_fn(chosen, rejected, ref_chosen, ref_rejected, teacher_chosen, teacher_rejected,
+        anchors = self.anchors_for(inputs)
+        n = len(self.scorers)
+        teacher_chosen, teacher_rejected = anchors[:, 2:2 + n], anchors[:, 2 + n:]
+        if not isinstance(self.beta2, tuple):  # one teacher: today's [pairs] tensors
+            teacher_chosen, teacher_rejected = teacher_chosen[:, 0], teacher_rejected[:, 0]
+        out = self.loss_fn(chosen, rejected, anchors[:, 0], anchors[:, 1], teacher_chosen, teacher_rejected,
                            self.beta1, self.beta2, **self.loss_params)
         loss = out.losses.mean()
         if not torch.isfinite(loss):
@@ -70,9 +77,11 @@ class DadpoTrainer(Trainer):
                              "rows with: dadpo-offline sql CACHE \"SELECT * FROM pairs\" and lower train.learning_rate")
         if model.training:
             with torch.no_grad():
-                values = [out.ref_margin, out.teacher_margin, out.beta1 * out.ref_margin, out.beta2 * out.teacher_margin,
+                margins = out.teacher_margin.reshape(len(out.z), -1)  # [pairs, teachers]; teacher_margin: their mean
+                values = [out.ref_margin, margins.mean(-1), out.beta1 * out.ref_margin, out.teacher_term,
                           out.rewards_chosen, out.rewards_rejected, out.z, (out.z > 0).double(), chosen.double(),
-                          rejected.double(), torch.ones_like(out.z), inputs["attention_mask"].double()]
+                          rejected.double()] + (list(margins.T) if len(self.metrics) > len(METRICS) else []) \
+                    + [torch.ones_like(out.z), inputs["attention_mask"].double()]
                 step = torch.stack([v.detach().sum() for v in values])
                 self._sums = step if self._sums is None else self._sums + step
         loss = loss.to(torch.float32)
@@ -85,7 +94,7 @@ class DadpoTrainer(Trainer):
             if self.args.world_size > 1:
                 totals = self.accelerator.reduce(totals, "sum")
             *sums, pairs, tokens = totals.cpu().tolist()
-            logs.update({name: value / pairs for name, value in zip(METRICS, sums)})
+            logs.update({name: value / pairs for name, value in zip(self.metrics, sums)})
             now = time.perf_counter()
             logs["tokens_per_second"] = tokens / max(now - self._clock, 1e-9)
             self._sums, self._clock = None, now
@@ -149,19 +158,24 @@ def dadpo_identity(manifest: Manifest) -> tuple[TrainConfig, str, str | None, Re
     revision = None if t.init_model else manifest.reference_model.revision
     data = open_cache(manifest.cache_dir).ready_fingerprint("pairs", "score")
     start = resolve_model(init, revision)  # a LoRA dSFT folder: its merged model, base + dSFT adapter
-    return t, init, revision, start, run_identity(t.loss, data, start, t)
+    identity = run_identity(t.loss, data, start, t)
+    if manifest.teachers:  # their weights replace train.beta2, which is not used
+        del identity["beta2"]
+        identity["teachers"] = {teacher.name: teacher.beta2 for teacher in manifest.teachers}
+    return t, init, revision, start, identity
 
 
 def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool = False,
                 output: Path | None = None) -> dict:
     """Train `train.loss` into `output` (default: the run's <train>/<loss> folder; a sweep gives each point its own)."""
     t, init, revision, start, identity = dadpo_identity(manifest)
-    beta1, beta2 = LOSSES[t.loss].betas(t.beta1, t.beta2)
+    beta1, beta2 = LOSSES[t.loss].betas(t.beta1, manifest.teacher_betas(t))  # beta2: one per teacher with teachers:
+    scorers = tuple(teacher.name for teacher in manifest.teachers) or ("teacher",)
     output = output or RunLayout.of(manifest).stage(t.loss)
     done = finished_run(output, identity, t, "rewards/margins")
     if done:
         return done | {"step0": None}
-    pairs = load_pairs(manifest.cache_dir)
+    pairs = load_pairs(manifest.cache_dir, teachers=list(scorers) if manifest.teachers else None)
     model, tokenizer, _ = load_causal_lm(init, revision, t)  # with train.peft: a fresh adapter on it
     vocab = model.get_input_embeddings().weight.shape[0]
     top = pairs.max_token_id()
@@ -172,7 +186,7 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     args = training_arguments(t, output, "train")
     trainer = DadpoTrainer(model=model, args=args, train_dataset=RowDataset(pairs), data_collator=PairCollator(pad_id),
                            processing_class=tokenizer, anchors=pairs.anchors(), loss_name=t.loss, beta1=beta1, beta2=beta2,
-                           loss_params=t.loss_params.get(t.loss),
+                           loss_params=t.loss_params.get(t.loss), scorers=scorers,
                            callbacks=[FiniteGradients(), CheckpointCare()] + ([] if quiet else [EchoLogs()])
                            + list(callbacks or []))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries only the summary
@@ -184,11 +198,19 @@ def train_dadpo(manifest: Manifest, callbacks: list | None = None, quiet: bool =
     report = check.report
     history = [h for h in trainer.state.log_history if "rewards/margins" in h]
     card = {"stage": t.loss, "title": f"{t.loss} student from {init}",
-            "summary": f"{t.loss} (beta1={beta1}, beta2={beta2}) on {len(pairs)} cached pairs; chosen = teacher "
-                       "responses, rejected = student responses; reference and teacher log-probs read from the cache.",
+            "summary": f"{t.loss} (beta1={beta1}, beta2={_beta2_text(beta2, scorers)}) on {len(pairs)} cached pairs; "
+                       "chosen = teacher responses, rejected = student responses; reference and teacher log-probs read "
+                       "from the cache.",
             "data": {"cache_dir": manifest.cache_dir, "pairs": len(pairs), "split": "train"},
             "settings": card_settings("train", t), "metrics": history[-1] if history else {}}
     save_final(trainer, tokenizer, manifest, t, output, card, train_loss, start)
     return {"output_dir": str(output), "steps": trainer.state.global_step, "pairs": len(pairs),
             "train_loss": train_loss, "resumed_from": resume_from,
             "step0": report.__dict__ if report else None, "history": history}
+
+
+def _beta2_text(beta2, scorers: tuple[str, ...]) -> str:
+    """0.01, or with several teachers each one's weight by name: {tiny: 0.01, smol: 0.02}."""
+    if not isinstance(beta2, tuple):
+        return str(beta2)
+    return "{" + ", ".join(f"{name}: {b}" for name, b in zip(scorers, beta2)) + "}"

@@ -47,11 +47,11 @@ def train_sft(manifest: Manifest, callbacks: list | None = None, quiet: bool = F
     train_loss = whole_run_loss(trainer.state, result.training_loss, resume_from)
     tokens = sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    card = {"stage": "dsft", "title": f"dSFT of {manifest.student.model} on {manifest.teacher.model}",
+    card = {"stage": "dsft", "title": f"dSFT of {manifest.student.model} on {manifest.chosen_teacher.model}",
             "summary": "The student fine-tuned on the teacher's responses (loss on response tokens only, student "
                        "chat template). Use it as the manifest's `reference:` and as the daDPO starting point; "
                        "then rescore: dadpo-offline precompute MANIFEST --stage score.",
-            "data": {"cache_dir": manifest.cache_dir, "teacher": manifest.teacher.model, "examples": len(examples),
+            "data": {"cache_dir": manifest.cache_dir, "teacher": manifest.chosen_teacher.model, "examples": len(examples),
                      "response_tokens": tokens, "split": "train"},
             "settings": card_settings("sft", t),
             "metrics": history[-1] if history else {}}
