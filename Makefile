@@ -1,6 +1,6 @@
 # make demo: set up and run the embedded demo (no arguments, no downloads, no GPU)
 # make test: set up and run the test suite (what .ci/run does)
-# make study: the CPU study of README "Does the teacher anchor work?" (about an hour on 2 cores)
+# make study: the CPU study of README "Does the teacher anchor work?" (about 2½ hours on 2 CPU cores; its results are in the README)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

@@ -49,3 +49,8 @@ class Engines:
 def model_role(name: str, config) -> Role:
     model = resolve_model(config.model, config.revision)
     return Role(name, model, load_chat_format(model, config.end_of_turn, config.chat_template), resolve_dtype(config.dtype))
+
+
+def take_turns(prompt_ids: list[str], writers: list) -> dict:
+    """pairs.chosen_from each: {prompt id: writer}, the writers in turn over the prompts in prompts-stage order."""
+    return {p: writers[i % len(writers)] for i, p in enumerate(prompt_ids)}

@@ -28,8 +28,8 @@ from ..errors import CacheError, InputError
 from ..manifest import Manifest, manifest_dict, write_resolved
 from ..core.engines import engine_identity, pick_backend
 from ..core.prompts import collect_prompts
-from ..core.roles import Engines, Role, model_role
-from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard, take_turns
+from ..core.roles import Engines, Role, model_role, take_turns
+from .stages import fit_prompt, generate_shard, pairs_shard, prompts_table, score_shard
 
 STAGE_CHOICES = ("all", "prompts", "generate", "score")
 

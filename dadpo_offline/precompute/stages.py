@@ -94,11 +94,6 @@ def score_shard(stored: dict[str, list[int]], generations: pa.Table, writer: Cal
     } for row, seq, start, lps in zip(rows, sequences, prompt_lens, token_logprobs)], schema=SCORES)
 
 
-def take_turns(prompt_ids: list[str], writers: list) -> dict:
-    """pairs.chosen_from each: {prompt id: writer}, the writers in turn over the prompts in prompts-stage order."""
-    return {p: writers[i % len(writers)] for i, p in enumerate(prompt_ids)}
-
-
 def pairs_shard(prompts: pa.Table, generations: pa.Table, scores: pa.Table, config: PairsConfig,
                 teachers: list[str] = ("teacher",), chosen_scorer: str = "teacher") -> pa.Table:
     """One row per pair that `config.policy` makes of a prompt's samples, with everything training reads,

@@ -87,6 +87,7 @@ def versus_ddpo(trained: list[tuple], value: dict, shown: list[tuple[str, str]])
     for point, _ in trained:
         if point.loss == "ddpo":
             ddpo[point.seed][point.beta1] = point
+    compared = [key for key in shown if not key[1].endswith("_vs_student")]  # the student cancels: same numbers
     diffs = defaultdict(lambda: defaultdict(list))  # (loss, β1, β2) -> metric -> differences over seeds
     for point, _ in trained:
         same_seed = ddpo.get(point.seed, {})
@@ -94,19 +95,19 @@ def versus_ddpo(trained: list[tuple], value: dict, shown: list[tuple[str, str]])
             next(iter(same_seed.values())) if len(same_seed) == 1 else None
         if point.loss == "ddpo" or match is None:
             continue
-        for key in shown:
+        for key in compared:
             a, b = value.get((point.name, *key)), value.get((match.name, *key))
             if a is not None and b is not None and a["value"] is not None and b["value"] is not None:
                 diffs[(point.loss, point.beta1, point.beta2)][key].append(a["value"] - b["value"])
     if not diffs:
         return []
     lines = ["", "## Minus dDPO with the same seed (mean over seeds [min, max])", "",
-             "| loss | β1 | β2 | seeds | " + " | ".join(f"Δ {s}/{m}" for s, m in shown) + " |",
-             "|---" * (len(shown) + 4) + "|"]
+             "| loss | β1 | β2 | seeds | " + " | ".join(f"Δ {s}/{m}" for s, m in compared) + " |",
+             "|---" * (len(compared) + 4) + "|"]
     for (loss, beta1, beta2), by_metric in sorted(diffs.items()):
         seeds = max(len(v) for v in by_metric.values())
         cells = [f"{sum(v) / len(v):+.3f} [{min(v):+.3f}, {max(v):+.3f}]" if (v := by_metric.get(key)) else "–"
-                 for key in shown]
+                 for key in compared]
         lines.append(f"| {loss} | {beta1:g} | {beta2:g} | {seeds} | " + " | ".join(cells) + " |")
     return lines
 

@@ -18,7 +18,7 @@ import torch
 
 from ..cache.index import dropped_summary, open_cache
 from ..errors import CacheError
-from ..precompute.stages import take_turns
+from ..core.roles import take_turns
 
 ANCHORS = ["ref_chosen_logp", "ref_rejected_logp", "teacher_chosen_logp", "teacher_rejected_logp"]
 PAIR_COLUMNS = ["prompt_id", "chosen_sample", "rejected_sample", "chosen_input_ids", "chosen_prompt_len", "rejected_input_ids",
