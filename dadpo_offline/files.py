@@ -44,6 +44,15 @@ def atomic_path(path: Path):
         temp.unlink(missing_ok=True)
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in `directory` durable (the directory entry itself is fsynced)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_text(path: Path, text: str) -> None:
     with atomic_path(path) as temp:
         temp.write_text(text, encoding="utf-8")

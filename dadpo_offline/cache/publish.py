@@ -23,6 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from ..errors import CacheError
+from ..files import fsync_dir
 from . import records
 from .index import INDEX_NAME, NO_EXTENSIONS, REGISTRY_SQL, CacheIndex
 
@@ -64,7 +65,7 @@ def build_index(cache: CacheIndex) -> Indexed:
         with temp.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, cache.index_path)
-        records.fsync_dir(root)
+        fsync_dir(root)
     except (OSError, duckdb.Error) as exc:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
         raise CacheError(f"cannot write {cache.index_path} ({text}); the old index is unchanged — "

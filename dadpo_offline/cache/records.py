@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CacheError
-from ..files import atomic_path
+from ..files import atomic_path, fsync_dir
 from .schema import ACCUMULATING
 
 MARKER = "dadpo-cache.json"  # says "this folder is a cache" without the index (written by every writer)
@@ -58,14 +58,6 @@ def write_record(path: Path, record: dict) -> None:
         fsync_dir(path.parent)
     except OSError as exc:
         raise CacheError(f"cannot write {path}: {exc.strerror or str(exc).splitlines()[0]}") from exc
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_record(path: Path) -> dict:

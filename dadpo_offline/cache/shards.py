@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import CacheError
-from ..files import atomic_path
+from ..files import atomic_path, fsync_dir
 
 METADATA_PREFIX = "dadpo."
 
@@ -43,18 +43,10 @@ def write_shard(table: pa.Table, path: Path, metadata: dict[str, str]) -> ShardF
             pq.write_table(table, temp, compression="zstd")
             with temp.open("rb+") as handle:
                 os.fsync(handle.fileno())
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:  # a full disk, a quota, a read-only mount: no temp file left behind
         raise CacheError(f"cannot write {path}: {exc.strerror or str(exc).splitlines()[0]}") from exc
     return ShardFile(path, table.num_rows, path.stat().st_size, file_sha256(path))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
