@@ -267,3 +267,21 @@ def test_a_cache_whose_registry_lived_only_in_its_index_is_converted_by_its_firs
         assert con.execute("SELECT * FROM shards ORDER BY ALL").fetchall() == registry
         assert con.execute("SELECT stage, fingerprint, settings, n_shards, active FROM stages "
                            "ORDER BY ALL").fetchall() == stages
+
+
+def test_beginning_a_stage_again_changes_nothing_unless_the_active_fingerprint_moves(tmp_path):
+    """A rerun that builds nothing must leave the cache byte for byte as it was (the eval and sweep
+    reruns snapshot it); going back to an older fingerprint must make it the active one again."""
+    cache = open_cache(tmp_path / "cache", create=True)
+    old, new = fingerprint({"n": 1}), fingerprint({"n": 2})
+    record = lambda fp: cache.stage_dir("generate-student", fp) / "stage.json"
+    cache.begin_stage("generate-student", old, {"n": 1}, 2)
+    first = record(old).read_bytes()
+    cache.begin_stage("generate-student", old, {"n": 1}, 2)
+    assert record(old).read_bytes() == first
+    cache.begin_stage("generate-student", new, {"n": 2}, 2)
+    cache.begin_stage("generate-student", old, {"n": 1}, 2)  # back to the old settings: it is the newest again
+    assert record(old).read_bytes() != first
+    build_index(cache)
+    with cache.connect() as con:
+        assert con.execute("SELECT fingerprint FROM stages WHERE stage = 'generate-student' AND active").fetchall() == [(old,)]

@@ -2,9 +2,9 @@
 
 A shard is published as its Parquet file (temp, fsync, rename) followed by a small JSON commit
 record written the same way, `STAGE/FP/commit-KKKKK.json` (stage, fingerprint, shard, path, rows,
-bytes, sha256, engine identity); a shard without its record does not exist. Each job that begins
+bytes, sha256, engine identity); a shard without its record does not exist. A job that begins
 a stage writes `STAGE/FP/stage.json` (settings, shard count, when it began: the stage's newest
-fingerprint is the active one). Workers write only these files and their shards, never
+fingerprint is the active one), unless that would change nothing. Workers write only these files and their shards, never
 `index.duckdb`, so no file lock is shared between nodes: DuckDB's lock is not safe on NFS, nor
 on Lustre under `localflock`. `cache index` (publish.py's `build_index`) reads them all.
 """
@@ -74,8 +74,19 @@ def mark_cache(root: Path) -> None:
 
 
 def begin(stage_dir: Path, stage: str, fingerprint: str, settings: dict, n_shards: int) -> None:
-    write_record(stage_dir / STAGE_RECORD, {"stage": stage, "fingerprint": fingerprint, "settings": settings,
-                                            "n_shards": n_shards, "begun_ns": time.time_ns()})
+    """Make this fingerprint the stage's newest. A rerun that would change nothing writes nothing (the
+    same settings and shard count, and already the newest, or a stage whose fingerprints all show), so a
+    finished cache stays byte for byte as it was."""
+    path = stage_dir / STAGE_RECORD
+    if path.is_file():
+        kept = read_record(path)
+        same = json.dumps(kept["settings"], sort_keys=True) == json.dumps(settings, sort_keys=True) \
+            and kept["n_shards"] == n_shards
+        if same and (stage in ACCUMULATING or all(other.begun_ns <= kept["begun_ns"] for other in
+                                                  stage_records(stage_dir.parent.parent, stage))):
+            return
+    write_record(path, {"stage": stage, "fingerprint": fingerprint, "settings": settings, "n_shards": n_shards,
+                        "begun_ns": time.time_ns()})
 
 
 def commit(root: Path, stage_dir: Path, stage: str, fingerprint: str, shard: int, path: Path, rows: int,
@@ -95,10 +106,10 @@ def commits(root: Path, stage_dir: Path) -> dict[int, RegisteredShard]:
     return found
 
 
-def stage_records(root: Path) -> list[StageRecord]:
-    """Every begun stage fingerprint in the cache (`STAGE/FP/stage.json`)."""
+def stage_records(root: Path, stage: str = "*") -> list[StageRecord]:
+    """Every begun stage fingerprint in the cache (`STAGE/FP/stage.json`), or of one stage."""
     records = []
-    for path in sorted(root.glob(f"*/*/{STAGE_RECORD}")):
+    for path in sorted(root.glob(f"{stage}/*/{STAGE_RECORD}")):
         r = read_record(path)
         records.append(StageRecord(r["stage"], r["fingerprint"], r["settings"], r["n_shards"], r["begun_ns"]))
     return records
