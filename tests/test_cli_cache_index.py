@@ -53,14 +53,17 @@ def test_four_writers_two_killed_then_cache_index_holds_exactly_the_committed_sh
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     jobs = [subprocess.Popen(command(job), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for job in range(4)]
-    # jobs 0 and 1 are killed once they have committed a shard of generate-teacher (0 and 1), with 3 more to go
-    for job in (0, 1):
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not list(cache.glob(f"generate-teacher/*/commit-0000{job}.json")):
+    # jobs 0 and 1 are killed once they have committed a shard of generate-teacher (0 and 1), with 3 more to go;
+    # both are watched at once, so neither runs on to its pairs while the test waits for the other
+    pending, deadline = {0, 1}, time.monotonic() + 300
+    while pending and time.monotonic() < deadline:
+        for job in sorted(pending):
             assert jobs[job].poll() is None, jobs[job].stderr.read()[-2000:]
-            time.sleep(0.01)
-        assert jobs[job].poll() is None, "the job finished before it could be killed"
-        jobs[job].send_signal(signal.SIGKILL)
+            if list(cache.glob(f"generate-teacher/*/commit-0000{job}.json")):
+                jobs[job].send_signal(signal.SIGKILL)
+                pending.discard(job)
+        time.sleep(0.01)
+    assert not pending, f"jobs {sorted(pending)} committed no generate-teacher shard in 300 s"
     for job in (2, 3):
         assert jobs[job].wait(timeout=600) == 0, jobs[job].stderr.read()[-2000:]
     for job in jobs:

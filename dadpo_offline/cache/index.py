@@ -63,7 +63,8 @@ def open_cache(root: str | Path, create: bool = False) -> "CacheIndex":
         return cache
     if root.exists() and not root.is_dir():
         raise CacheError(f"{root} is a file, not a cache directory")
-    if root.is_dir() and any(root.iterdir()):
+    # a folder holding only another job's half-written marker is a cache being made at this moment (--shard jobs)
+    if root.is_dir() and any(not p.name.startswith(f"{MARKER}.tmp-") for p in root.iterdir()):
         raise CacheError(f"{root} is not a dadpo-offline cache (no {INDEX_NAME}) and is not empty; "
                          "give an empty or new folder as cache_dir")
     if not create:
