@@ -4,9 +4,9 @@ A shard is published as its Parquet file (temp, fsync, rename) followed by a sma
 record written the same way, `STAGE/FP/commit-KKKKK.json` (stage, fingerprint, shard, path, rows,
 bytes, sha256, engine identity); a shard without its record does not exist. A job that begins
 a stage writes `STAGE/FP/stage.json` (settings, shard count, when it began: the stage's newest
-fingerprint is the active one), unless that would change nothing. Workers write only these files and their shards, never
-`index.duckdb`, so no file lock is shared between nodes: DuckDB's lock is not safe on NFS, nor
-on Lustre under `localflock`. `cache index` (publish.py's `build_index`) reads them all.
+fingerprint is the active one), unless that would change nothing. Workers write only these files
+and their shards, never `index.duckdb`, so no file lock is shared between nodes: DuckDB's lock
+is not safe on NFS, nor on Lustre under `localflock`. `cache index` (publish.py's `build_index`) reads them all.
 """
 from __future__ import annotations
 
@@ -75,15 +75,14 @@ def mark_cache(root: Path) -> None:
 
 def begin(stage_dir: Path, stage: str, fingerprint: str, settings: dict, n_shards: int) -> None:
     """Make this fingerprint the stage's newest. A rerun that would change nothing writes nothing (the
-    same settings and shard count, and already the newest, or a stage whose fingerprints all show), so a
+    same settings and shard count, and already active by `active_fingerprints`' own rule), so a
     finished cache stays byte for byte as it was."""
     path = stage_dir / STAGE_RECORD
     if path.is_file():
         kept = read_record(path)
         same = json.dumps(kept["settings"], sort_keys=True) == json.dumps(settings, sort_keys=True) \
             and kept["n_shards"] == n_shards
-        if same and (stage in ACCUMULATING or all(other.begun_ns <= kept["begun_ns"] for other in
-                                                  stage_records(stage_dir.parent.parent, stage))):
+        if same and (stage, fingerprint) in active_fingerprints(stage_records(stage_dir.parent.parent, stage)):
             return
     write_record(path, {"stage": stage, "fingerprint": fingerprint, "settings": settings, "n_shards": n_shards,
                         "begun_ns": time.time_ns()})
